@@ -1,0 +1,152 @@
+"""Full-ranking evaluation: batched users, chunked items, strict ranks, exclude-seen recorded with every number.
+
+A model is anything with `encode(histories) -> state` and `score_items(state, lo, hi) -> [B, hi - lo]`
+scores for internal item ids lo..hi-1 (id 0 is padding and never ranked), plus an optional `max_len`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from .data.dataset import pad_left
+
+
+class Scorer(Protocol):
+    def encode(self, histories: torch.Tensor) -> Any: ...
+
+    def score_items(self, state: Any, lo: int, hi: int) -> torch.Tensor: ...
+
+
+def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = (5, 10, 20), prefix: str = "") -> dict[str, float]:
+    """Rank is 0-based (the number of items scored strictly above the target)."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    out: dict[str, float] = {}
+    if ranks.size == 0:
+        return {f"{prefix}{m}@{k}": 0.0 for k in ks for m in ("HR", "NDCG", "MRR")}
+    for k in ks:
+        hit = ranks < k
+        out[f"{prefix}HR@{k}"] = float(hit.mean())
+        out[f"{prefix}NDCG@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
+        out[f"{prefix}MRR@{k}"] = float(np.where(hit, 1.0 / (ranks + 1.0), 0.0).mean())
+    return out
+
+
+def _plan(n_items: int, memory_mb: int, n_users: int) -> tuple[int, int]:
+    """Users per batch and items per chunk so that one score buffer stays within memory_mb."""
+    budget = max(memory_mb, 1) * (1 << 20) // 4 // 3  # floats; the mask and comparison need room too
+    n_cols = n_items + 1
+    chunk = n_cols if 64 * n_cols <= budget else max(1, budget // 64)
+    users = max(1, min(n_users, 1024, budget // chunk))
+    return users, chunk
+
+
+def _seen_mask(histories: list[list[int]], targets: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Bool [B, hi-lo]: history items in the chunk, except the target itself (a repeat stays rankable)."""
+    mask = torch.zeros(len(histories), hi - lo, dtype=torch.bool)
+    for r, h in enumerate(histories):
+        idx = [i - lo for i in h if lo <= i < hi]
+        if idx:
+            mask[r, idx] = True
+        t = int(targets[r])
+        if lo <= t < hi:
+            mask[r, t - lo] = False
+    return mask
+
+
+@torch.no_grad()
+def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int], n_items: int,
+                  exclude_seen: bool = True, memory_mb: int = 256, max_len: int | None = None,
+                  users_per_batch: int | None = None, items_per_chunk: int | None = None,
+                  device: torch.device | str = "cpu") -> np.ndarray:
+    """0-based strict rank of each target among all items (ties never help the target)."""
+    if max_len is None:
+        max_len = getattr(model, "max_len", None)
+    n = len(inputs)
+    ub, ic = _plan(n_items, memory_mb, n)
+    ub = users_per_batch or ub
+    ic = items_per_chunk or ic
+    ranks = np.empty(n, dtype=np.int64)
+    for start in range(0, n, ub):
+        hist = inputs[start:start + ub]
+        tgt = torch.as_tensor(list(targets[start:start + ub]), dtype=torch.long)
+        state = model.encode(pad_left(hist, max_len).to(device))
+        chunks = [(lo, min(lo + ic, n_items + 1)) for lo in range(0, n_items + 1, ic)]
+        cached = None
+        tscore = torch.empty(len(hist), dtype=torch.float32)
+        for lo, hi in chunks:
+            s = model.score_items(state, lo, hi).float().cpu()
+            if len(chunks) == 1:
+                cached = s
+            inside = (tgt >= lo) & (tgt < hi)
+            rows = inside.nonzero(as_tuple=True)[0]
+            tscore[rows] = s[rows, tgt[rows] - lo]
+        tscore = torch.nan_to_num(tscore, nan=-math.inf)
+        count = torch.zeros(len(hist), dtype=torch.long)
+        for lo, hi in chunks:
+            s = cached if cached is not None else model.score_items(state, lo, hi).float().cpu()
+            above = s > tscore[:, None]
+            if lo == 0:
+                above[:, 0] = False
+            if exclude_seen:
+                above &= ~_seen_mask(hist, tgt, lo, hi)
+            count += above.sum(dim=1)
+        ranks[start:start + len(hist)] = count.numpy()
+    return ranks
+
+
+@torch.no_grad()
+def compute_sampled_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int], n_items: int,
+                          n_negatives: int = 100, seed: int = 0, max_len: int | None = None,
+                          batch: int = 256, device: torch.device | str = "cpu") -> np.ndarray:
+    """Legacy protocol: rank of the target among itself and n seeded negatives the user has not seen."""
+    if max_len is None:
+        max_len = getattr(model, "max_len", None)
+    rng = np.random.default_rng(seed)
+    ranks = np.empty(len(inputs), dtype=np.int64)
+    for start in range(0, len(inputs), batch):
+        hist = inputs[start:start + batch]
+        tgt = list(targets[start:start + batch])
+        s = model.score_items(model.encode(pad_left(hist, max_len).to(device)), 0, n_items + 1).float().cpu()
+        for r, (h, t) in enumerate(zip(hist, tgt)):
+            seen = set(h) | {t}
+            negs: list[int] = []
+            while len(negs) < n_negatives:
+                cand = int(rng.integers(1, n_items + 1))
+                if cand not in seen:
+                    negs.append(cand)
+                    seen.add(cand)
+                if len(seen) > n_items:
+                    break
+            ts = s[r, t]
+            ts = -math.inf if torch.isnan(ts) else ts
+            ranks[start + r] = int((s[r, negs] > ts).sum())
+    return ranks
+
+
+def evaluate(model: Scorer, inputs: list[list[int]], targets: Sequence[int], n_items: int,
+             ks: Sequence[int] = (5, 10, 20), exclude_seen: bool = True, mode: str = "full",
+             n_negatives: int = 100, seed: int = 0, memory_mb: int = 256, max_len: int | None = None,
+             device: torch.device | str = "cpu") -> dict[str, float]:
+    """Averaged over all users given. Sampled-mode keys carry a 'sampled_' prefix so they are never mistaken."""
+    if mode == "full":
+        ranks = compute_ranks(model, inputs, targets, n_items, exclude_seen=exclude_seen,
+                              memory_mb=memory_mb, max_len=max_len, device=device)
+        return metrics_from_ranks(ranks, ks)
+    if mode == "sampled":
+        ranks = compute_sampled_ranks(model, inputs, targets, n_items, n_negatives=n_negatives, seed=seed,
+                                      max_len=max_len, device=device)
+        return metrics_from_ranks(ranks, ks, prefix="sampled_")
+    raise ValueError(f"unknown evaluation mode '{mode}' (full or sampled)")
+
+
+def evaluate_split(model: Scorer, split, cfg, which: str = "test", device: torch.device | str = "cpu") -> dict[str, float]:
+    """Evaluate on the split's 'valid' or 'test' cases with an EvalConfig."""
+    inputs = split.valid_inputs if which == "valid" else split.test_inputs
+    targets = split.valid_targets if which == "valid" else split.test_targets
+    return evaluate(model, inputs, targets, split.n_items, ks=cfg.ks, exclude_seen=cfg.exclude_seen,
+                    mode=cfg.mode, n_negatives=cfg.n_negatives, seed=cfg.seed, memory_mb=cfg.memory_mb,
+                    device=device)

@@ -1,0 +1,93 @@
+"""Run folders: resolved config, metrics.jsonl, checkpoints and results, each written so a crash loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import Config, save_config
+from .errors import InputError
+from .io import atomic_write_json, atomic_write_text
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_run_dir(cfg: Config, kind: str, resume: str | None = None) -> Path:
+    """A new folder runs/<kind>-<dataset>-<time> (or the one being resumed), checked writable before any work."""
+    if resume:
+        path = Path(resume)
+        if not (path / "config.yaml").exists():
+            raise InputError("not a run folder (no config.yaml)", path)
+        return path
+    name = cfg.run_name or f"{kind}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(cfg.run_dir) / name
+    try:
+        path.mkdir(parents=True, exist_ok=cfg.run_name is not None)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except FileExistsError:
+        raise InputError("run folder already exists; pass run_name=... or --resume", path) from None
+    except OSError as e:
+        raise InputError(f"run folder is not writable ({e.strerror})", path) from None
+    save_config(cfg, path / "config.yaml")
+    return path
+
+
+def log_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line; flushed and fsynced so a killed run keeps every finished epoch."""
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a kill; everything before it is good
+    return out
+
+
+def truncate_metrics(run_dir: Path, keep: int) -> None:
+    """On resume, drop lines logged after the checkpoint being resumed (epochs <= keep stay)."""
+    records = [r for r in read_metrics(run_dir) if r.get("epoch", 0) <= keep]
+    atomic_write_text(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def format_table(rows: dict[str, dict[str, float]], keys: list[str]) -> str:
+    """Markdown table, one row per model."""
+    head = "| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
+    body = "".join(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k in keys) + " |\n"
+                   for name, m in rows.items())
+    return head + body
+
+
+def write_results(run_dir: Path, results: dict[str, Any], table: str) -> None:
+    atomic_write_json(run_dir / "results.json", results)
+    atomic_write_text(run_dir / "results.md", table)
