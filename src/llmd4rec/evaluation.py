@@ -1,4 +1,4 @@
-"""Full-ranking evaluation: batched users, chunked items, strict ranks, exclude-seen recorded with every number.
+"""Full-ranking evaluation: batched users, chunked items, pessimistic ties, exclude-seen recorded with every number.
 
 A model is anything with `encode(histories) -> state` and `score_items(state, lo, hi) -> [B, hi - lo]`
 scores for internal item ids lo..hi-1 (id 0 is padding and never ranked), plus an optional `max_len`.
@@ -22,7 +22,7 @@ class Scorer(Protocol):
 
 
 def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = (5, 10, 20), prefix: str = "") -> dict[str, float]:
-    """Rank is 0-based (the number of items scored strictly above the target)."""
+    """Rank is 0-based: 0 means the target alone scored highest."""
     ranks = np.asarray(ranks, dtype=np.float64)
     out: dict[str, float] = {}
     if ranks.size == 0:
@@ -44,16 +44,19 @@ def _plan(n_items: int, memory_mb: int, n_users: int) -> tuple[int, int]:
     return users, chunk
 
 
-def _seen_mask(histories: list[list[int]], targets: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Bool [B, hi-lo]: history items in the chunk, except the target itself (a repeat stays rankable)."""
+def _not_competing(histories: list[list[int]], targets: torch.Tensor, lo: int, hi: int,
+                   exclude_seen: bool) -> torch.Tensor:
+    """Bool [B, hi-lo] of columns that cannot outrank the target: padding, the target itself, seen items."""
     mask = torch.zeros(len(histories), hi - lo, dtype=torch.bool)
-    for r, h in enumerate(histories):
-        idx = [i - lo for i in h if lo <= i < hi]
-        if idx:
-            mask[r, idx] = True
-        t = int(targets[r])
-        if lo <= t < hi:
-            mask[r, t - lo] = False
+    if lo == 0:
+        mask[:, 0] = True
+    if exclude_seen:
+        for r, h in enumerate(histories):
+            idx = [i - lo for i in h if lo <= i < hi]
+            if idx:
+                mask[r, idx] = True
+    inside = ((targets >= lo) & (targets < hi)).nonzero(as_tuple=True)[0]
+    mask[inside, targets[inside] - lo] = True
     return mask
 
 
@@ -62,7 +65,11 @@ def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int]
                   exclude_seen: bool = True, memory_mb: int = 256, max_len: int | None = None,
                   users_per_batch: int | None = None, items_per_chunk: int | None = None,
                   device: torch.device | str = "cpu") -> np.ndarray:
-    """0-based strict rank of each target among all items (ties never help the target)."""
+    """0-based rank of each target: the other rankable items scoring at least as high (ties count against it).
+
+    A constant scorer therefore gets no credit, and a NaN target score ranks last. A history item that is
+    also the target (a repeat) stays rankable; the rest of the history is excluded when exclude_seen.
+    """
     if max_len is None:
         max_len = getattr(model, "max_len", None)
     n = len(inputs)
@@ -76,25 +83,21 @@ def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int]
         state = model.encode(pad_left(hist, max_len).to(device))
         chunks = [(lo, min(lo + ic, n_items + 1)) for lo in range(0, n_items + 1, ic)]
         cached = None
-        tscore = torch.empty(len(hist), dtype=torch.float32)
+        tscore = torch.empty(len(hist), dtype=torch.float32, device=device)
+        tgt_dev = tgt.to(device)
         for lo, hi in chunks:
-            s = model.score_items(state, lo, hi).float().cpu()
+            s = model.score_items(state, lo, hi).float()
             if len(chunks) == 1:
                 cached = s
-            inside = (tgt >= lo) & (tgt < hi)
-            rows = inside.nonzero(as_tuple=True)[0]
-            tscore[rows] = s[rows, tgt[rows] - lo]
+            rows = ((tgt_dev >= lo) & (tgt_dev < hi)).nonzero(as_tuple=True)[0]
+            tscore[rows] = s[rows, tgt_dev[rows] - lo]
         tscore = torch.nan_to_num(tscore, nan=-math.inf)
-        count = torch.zeros(len(hist), dtype=torch.long)
+        count = torch.zeros(len(hist), dtype=torch.long, device=device)
         for lo, hi in chunks:
-            s = cached if cached is not None else model.score_items(state, lo, hi).float().cpu()
-            above = s > tscore[:, None]
-            if lo == 0:
-                above[:, 0] = False
-            if exclude_seen:
-                above &= ~_seen_mask(hist, tgt, lo, hi)
-            count += above.sum(dim=1)
-        ranks[start:start + len(hist)] = count.numpy()
+            s = cached if cached is not None else model.score_items(state, lo, hi).float()
+            skip = _not_competing(hist, tgt, lo, hi, exclude_seen).to(device)
+            count += ((s >= tscore[:, None]) & ~skip).sum(dim=1)
+        ranks[start:start + len(hist)] = count.cpu().numpy()
     return ranks
 
 
@@ -102,7 +105,7 @@ def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int]
 def compute_sampled_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int], n_items: int,
                           n_negatives: int = 100, seed: int = 0, max_len: int | None = None,
                           batch: int = 256, device: torch.device | str = "cpu") -> np.ndarray:
-    """Legacy protocol: rank of the target among itself and n seeded negatives the user has not seen."""
+    """Legacy protocol: rank of the target among n seeded negatives the user has not seen (ties count against)."""
     if max_len is None:
         max_len = getattr(model, "max_len", None)
     rng = np.random.default_rng(seed)
@@ -123,7 +126,7 @@ def compute_sampled_ranks(model: Scorer, inputs: list[list[int]], targets: Seque
                     break
             ts = s[r, t]
             ts = -math.inf if torch.isnan(ts) else ts
-            ranks[start + r] = int((s[r, negs] > ts).sum())
+            ranks[start + r] = int((s[r, negs] >= ts).sum())
     return ranks
 
 

@@ -48,7 +48,17 @@ def make_run_dir(cfg: Config, kind: str, resume: str | None = None) -> Path:
     except OSError as e:
         raise InputError(f"run folder is not writable ({e.strerror})", path) from None
     save_config(cfg, path / "config.yaml")
+    atomic_write_json(path / "run.json", {"kind": kind})
     return path
+
+
+def run_kind(run_dir: Path) -> str:
+    from .io import read_json
+
+    info = Path(run_dir) / "run.json"
+    if not info.exists():
+        raise InputError("not a run folder (no run.json)", run_dir)
+    return read_json(info)["kind"]
 
 
 def log_metrics(run_dir: Path, record: dict[str, Any]) -> None:
@@ -74,9 +84,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def truncate_metrics(run_dir: Path, keep: int) -> None:
-    """On resume, drop lines logged after the checkpoint being resumed (epochs <= keep stay)."""
-    records = [r for r in read_metrics(run_dir) if r.get("epoch", 0) <= keep]
+def truncate_metrics(run_dir: Path, phase: str, keep: int) -> None:
+    """On resume, drop this phase's lines logged after the checkpoint being resumed (epochs <= keep stay)."""
+    records = [r for r in read_metrics(run_dir) if r.get("phase") != phase or r.get("epoch", 0) <= keep]
     atomic_write_text(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 

@@ -1,0 +1,184 @@
+"""The `llmd4rec` command. Every user error becomes one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import InputError
+
+
+def _config(args: argparse.Namespace):
+    from .config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_data_stats(args: argparse.Namespace) -> None:
+    from .data.registry import load_dataset
+
+    stats = load_dataset(args.dataset, args.data_dir).stats()
+    if args.json:
+        print(json.dumps(stats))
+        return
+    for key in ("dataset", "users", "items", "interactions", "avg_len", "density"):
+        value = stats[key]
+        print(f"{key:>13}: {value:,}" if isinstance(value, int) else f"{key:>13}: {value}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .evaluation import evaluate_split
+    from .pretrained import load_data, load_run
+    from .runs import format_table
+
+    if args.run_dir:
+        run = load_run(args.run_dir, args.overrides)
+        cfg, split, model, name = run.cfg, run.split, run.model, run.kind
+    else:
+        from .models.popularity import MostPop
+
+        if args.model != "mostpop":
+            raise InputError(f"unknown model '{args.model}' (give a run folder, or --model mostpop)")
+        cfg = load_config(args.config, args.overrides)
+        if args.dataset:
+            cfg.data.name = args.dataset
+        if args.data_dir:
+            cfg.data.data_dir = args.data_dir
+        _, split = load_data(cfg)
+        model, name = MostPop(split.train, split.n_items), "MostPop"
+    results = {w: evaluate_split(model, split, cfg.eval, w) for w in ("valid", "test")}
+    prefix = "" if cfg.eval.mode == "full" else "sampled_"
+    keys = [f"{prefix}{m}@{k}" for m in ("HR", "NDCG", "MRR") for k in cfg.eval.ks]
+    label = f"{cfg.data.name}, {cfg.eval.mode} ranking, exclude_seen={cfg.eval.exclude_seen}"
+    print(f"{name} on {label}\n" + format_table({f"{name} (test)": results["test"],
+                                                 f"{name} (valid)": results["valid"]}, keys))
+    if args.out:
+        from .io import atomic_write_json
+
+        atomic_write_json(args.out, {"model": name, "dataset": cfg.data.name, "eval_mode": cfg.eval.mode,
+                                     "exclude_seen": cfg.eval.exclude_seen, "metrics": results})
+
+
+def cmd_train_crm(args: argparse.Namespace) -> None:
+    from .training import crm
+
+    print(f"run folder: {crm.run(_config(args), args.resume)}")
+
+
+def cmd_train_llm(args: argparse.Namespace) -> None:
+    from .training import llm
+
+    print(f"run folder: {llm.run(_config(args), args.resume)}")
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from .distill import loop
+
+    print(f"run folder: {loop.run(_config(args), args.resume)}")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from .plots import plot_run
+
+    for path in plot_run(Path(args.run_dir)):
+        print(path)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_bundle
+
+    print(export_bundle(Path(args.run_dir), Path(args.out_dir)))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve import serve
+
+    serve(Path(args.bundle), host=args.host, port=args.port)
+
+
+def cmd_recommend(args: argparse.Namespace) -> None:
+    from .serve import recommend_cli
+
+    recommend_cli(Path(args.bundle), args.history, args.k, not args.include_seen)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmd4rec", description=__doc__)
+    p.add_argument("--version", action="version", version=f"llmd4rec {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser, resume: bool = True) -> None:
+        sp.add_argument("--config", help="YAML file under configs/")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. crm_train.lr=5e-4 data.name=toys")
+        if resume:
+            sp.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    st = data.add_parser("stats", help="users, items, interactions of a dataset")
+    st.add_argument("--dataset", required=True)
+    st.add_argument("--data-dir")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_data_stats)
+
+    ev = sub.add_parser("evaluate", help="full-ranking metrics of a run folder, or of MostPop")
+    ev.add_argument("run_dir", nargs="?")
+    ev.add_argument("--model", default="mostpop")
+    ev.add_argument("--dataset")
+    ev.add_argument("--data-dir")
+    ev.add_argument("--out", help="also write the metrics as JSON here")
+    with_config(ev, resume=False)
+    ev.set_defaults(func=cmd_evaluate)
+
+    for name, func, help_ in (("train-crm", cmd_train_crm, "train SASRec"),
+                              ("train-llm", cmd_train_llm, "train E4SRec"),
+                              ("distill", cmd_distill, "the LLMD4Rec alternating distillation")):
+        sp = sub.add_parser(name, help=help_)
+        with_config(sp)
+        sp.set_defaults(func=func)
+
+    pl = sub.add_parser("plot", help="draw loss and validation curves of a run folder to PNG")
+    pl.add_argument("run_dir")
+    pl.set_defaults(func=cmd_plot)
+
+    ex = sub.add_parser("export", help="write a self-contained serving bundle")
+    ex.add_argument("run_dir")
+    ex.add_argument("out_dir")
+    ex.set_defaults(func=cmd_export)
+
+    sv = sub.add_parser("serve", help="serve top-K recommendations over HTTP")
+    sv.add_argument("bundle")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.set_defaults(func=cmd_serve)
+
+    rc = sub.add_parser("recommend", help="top-K for one history, from the shell")
+    rc.add_argument("bundle")
+    rc.add_argument("--history", required=True, help="comma-separated original item ids")
+    rc.add_argument("--k", type=int, default=10)
+    rc.add_argument("--include-seen", action="store_true")
+    rc.set_defaults(func=cmd_recommend)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The distillation term of METHOD.md §3: forward KL(teacher || student) at a temperature, one value per sample."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+          t_squared: bool = False, ignore_first_column: bool = True,
+          mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample KL(softmax(teacher/T) || softmax(student/T)), summed over items: shape [S].
+
+    Equals `kl_div(log_softmax(student/T), softmax(teacher/T)).sum(-1)`; the teacher is detached.
+    Both distributions live on the same columns: by default column 0 (padding in the `score_all`
+    layout) is dropped, so it takes no probability mass; pass `ignore_first_column=False` for logits
+    that hold real items only. `mask` (bool, broadcastable to [S, N] over the full width N, True =
+    keep) removes further columns from both distributions. Computed from log-softmax in float32 (float64
+    when given), so large logits and low T (0.2) neither overflow nor give NaN. `t_squared` multiplies
+    by T^2 (Hinton's gradient-scale correction; off by default, METHOD.md §3).
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(f"kd_kl wants two [S, N] tensors of one shape, got {tuple(student_logits.shape)} "
+                         f"and {tuple(teacher_logits.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    s = _at_least_fp32(student_logits) / temperature
+    t = _at_least_fp32(teacher_logits.detach()) / temperature
+    if mask is not None:
+        keep = torch.broadcast_to(mask.to(device=s.device, dtype=torch.bool), s.shape)
+        s = s.masked_fill(~keep, float("-inf"))
+        t = t.masked_fill(~keep, float("-inf"))
+    if ignore_first_column:
+        s, t = s[:, 1:], t[:, 1:]
+    kl = kl_from_log_probs(F.log_softmax(t, dim=-1), F.log_softmax(s, dim=-1))
+    return kl * (temperature ** 2) if t_squared else kl
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def kl_from_log_probs(log_pt: torch.Tensor, log_ps: torch.Tensor) -> torch.Tensor:
+    """sum_j p_t(j) * (log p_t(j) - log p_s(j)) over the last axis, from normalised log-probabilities.
+
+    Buckets the teacher gives no mass (masked, -inf logits) contribute 0 instead of 0 * (-inf - -inf) = NaN;
+    the gradient through the unused branch of `where` is 0 * finite, so it stays NaN-free as well.
+    """
+    p_t = log_pt.exp()
+    terms = torch.where(p_t > 0, p_t * (log_pt - log_ps), torch.zeros((), device=log_pt.device))
+    return terms.sum(dim=-1)

@@ -1,0 +1,38 @@
+"""Training curves from metrics.jsonl: loss and validation NDCG@10 / HR@10 per epoch, one line per phase."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import InputError
+from .runs import read_metrics
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    if not records:
+        raise InputError("no metrics.jsonl records to plot", run_dir)
+    phases: dict[str, list[dict]] = {}
+    for r in records:
+        phases.setdefault(r.get("phase", "train"), []).append(r)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for phase, rows in phases.items():
+        axes[0].plot([r["epoch"] for r in rows], [r["loss"] for r in rows], marker=".", label=phase)
+        ev = [r for r in rows if "valid" in r]
+        for ax, key in ((axes[1], "NDCG@10"), (axes[2], "HR@10")):
+            ax.plot([r["epoch"] for r in ev], [r["valid"][key] for r in ev], marker=".", label=phase)
+    for ax, title in zip(axes, ("training loss", "validation NDCG@10", "validation HR@10")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return [out]

@@ -1,0 +1,138 @@
+"""Recipe: train SASRec on the all-positions view (one row per user, a loss at every position)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..config import Config, TrainConfig
+from ..data.dataset import Split, all_positions
+from ..evaluation import evaluate_split
+from ..models.sasrec import SASRec
+from ..pretrained import load_data
+from ..runs import log_metrics, make_run_dir, pick_device, seed_everything, truncate_metrics, write_results, format_table
+from .checkpoint import has_checkpoint, load_checkpoint, load_weights, save_checkpoint
+
+KDHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""kd(rows [B], valid [B, L], logits [V, N+1], targets [V]) -> scalar loss added to the recommendation loss."""
+
+
+def rec_loss(model: SASRec, h: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Recommendation loss over valid positions; returns the full logits too when the loss computed them."""
+    w = model.output_weight
+    if cfg.loss == "ce":
+        logits = h @ w.T
+        logits[:, 0] = float("-inf")
+        return F.cross_entropy(logits, targets), logits
+    if cfg.loss == "sampled_ce":
+        negs = torch.randint(1, model.n_items + 1, (cfg.n_negatives,), generator=gen).to(h.device)
+        pos = (h * w[targets]).sum(-1, keepdim=True)
+        neg = h @ w[negs].T
+        neg = neg.masked_fill(negs[None, :] == targets[:, None], float("-inf"))
+        logits = torch.cat([pos, neg], dim=1)
+        return F.cross_entropy(logits, torch.zeros_like(targets)), None
+    if cfg.loss == "bce":
+        negs = torch.randint(1, model.n_items + 1, targets.shape, generator=gen).to(h.device)
+        pos = (h * w[targets]).sum(-1)
+        neg = (h * w[negs]).sum(-1)
+        return F.binary_cross_entropy_with_logits(torch.cat([pos, neg]),
+                                                  torch.cat([torch.ones_like(pos), torch.zeros_like(neg)])), None
+    raise ValueError(f"unknown crm_train.loss '{cfg.loss}' (ce, sampled_ce or bce)")
+
+
+def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str = "crm",
+            train_cfg: TrainConfig | None = None, kd: KDHook | None = None, resume: bool = False) -> dict:
+    """Train with early stopping on validation NDCG@10; leaves the best weights in `model`; returns its metrics."""
+    tc = train_cfg or cfg.crm_train
+    device = next(model.parameters()).device
+    folder = run_dir / phase
+    inputs, targets = all_positions(split.train, model.max_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    gen = torch.Generator().manual_seed(tc.seed)
+    start, best, bad, best_epoch = 1, -1.0, 0, 0
+    if resume and has_checkpoint(folder, "last"):
+        weights, state = load_checkpoint(folder, "last", opt, {"train": gen})
+        model.load_state_dict(weights)
+        start, best, bad, best_epoch = state["epoch"] + 1, state["best"], state["bad"], state["best_epoch"]
+        truncate_metrics(run_dir, phase, state["epoch"])
+        if state.get("stopped"):
+            start = tc.epochs + 1
+    for epoch in range(start, tc.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(inputs), generator=gen)
+        total, n_pos = 0.0, 0
+        bar = tqdm(range(0, len(perm), tc.batch_size), desc=f"{phase} epoch {epoch}", leave=False, mininterval=2, disable=None)
+        for s in bar:
+            rows = perm[s:s + tc.batch_size]
+            x, y = inputs[rows].to(device), targets[rows].to(device)
+            valid = y > 0
+            h = model.hidden(x)[valid]
+            loss, logits = rec_loss(model, h, y[valid], tc, gen)
+            if kd is not None:
+                if logits is None:
+                    logits = h @ model.output_weight.T
+                    logits[:, 0] = float("-inf")
+                loss = loss + kd(rows, valid.cpu(), logits, y[valid])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss in phase '{phase}', epoch {epoch}, step {s // tc.batch_size}; "
+                                         f"the last good checkpoint is kept in {folder}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            total += loss.item() * int(valid.sum())
+            n_pos += int(valid.sum())
+            bar.set_postfix(loss=f"{loss.item():.4f}", items_s=f"{n_pos / (time.perf_counter() - t0):.0f}")
+        seconds = time.perf_counter() - t0
+        record = {"phase": phase, "epoch": epoch, "loss": total / max(n_pos, 1), "epoch_seconds": seconds}
+        if epoch % tc.eval_every == 0 or epoch == tc.epochs:
+            model.eval()
+            valid_m = evaluate_split(model, split, cfg.eval, "valid", device)
+            record["valid"] = valid_m
+            if valid_m["NDCG@10"] > best:
+                best, bad, best_epoch = valid_m["NDCG@10"], 0, epoch
+                save_checkpoint(folder, "best", model.state_dict(), state={"epoch": epoch, "valid": valid_m})
+            else:
+                bad += 1
+        stop = bad >= tc.patience
+        log_metrics(run_dir, record)
+        save_checkpoint(folder, "last", model.state_dict(), opt,
+                        {"epoch": epoch, "best": best, "bad": bad, "best_epoch": best_epoch, "stopped": stop},
+                        {"train": gen})
+        print(f"{phase} epoch {epoch}: loss {record['loss']:.4f}, {seconds:.1f}s"
+              + (f", valid NDCG@10 {record['valid']['NDCG@10']:.4f}" if "valid" in record else ""), flush=True)
+        if stop:
+            break
+    model.load_state_dict(load_weights(folder, "best"))
+    model.eval()
+    return {"valid": evaluate_split(model, split, cfg.eval, "valid", device),
+            "test": evaluate_split(model, split, cfg.eval, "test", device), "best_epoch": best_epoch}
+
+
+def run(cfg: Config, resume: str | None = None) -> Path:
+    """`llmd4rec train-crm`: data -> split -> SASRec -> early-stopped training -> test metrics of the best epoch."""
+    run_dir = make_run_dir(cfg, "sasrec", resume)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    dataset, split = load_data(cfg)
+    model = SASRec(dataset.n_items, cfg.crm).to(device)
+    t0 = time.perf_counter()
+    metrics = fit_crm(model, split, cfg, run_dir, resume=resume is not None)
+    results = {"model": "SASRec", "dataset": dataset.name, "exclude_seen": cfg.eval.exclude_seen,
+               "eval_mode": cfg.eval.mode, "train_seconds": time.perf_counter() - t0, **metrics}
+    write_results(run_dir, results, format_table({"SASRec": metrics["test"]}, _table_keys(cfg)))
+    print(format_table({"SASRec": metrics["test"]}, _table_keys(cfg)), flush=True)
+    return run_dir
+
+
+def _table_keys(cfg: Config) -> list[str]:
+    prefix = "" if cfg.eval.mode == "full" else "sampled_"
+    return [f"{prefix}{m}@{k}" for m in ("HR", "NDCG") for k in cfg.eval.ks]

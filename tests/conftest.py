@@ -1,0 +1,18 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "LastFM" / "LastFM.txt").exists():
+        pytest.skip(f"real datasets not found at {SHARED_DATA}")
+    return SHARED_DATA

@@ -1,0 +1,109 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from llmd4rec.evaluation import compute_ranks, compute_sampled_ranks, evaluate, metrics_from_ranks
+
+
+class FixedScores:
+    """A scorer that returns a given score row per user (by the user's row in the batch order)."""
+
+    max_len = None
+
+    def __init__(self, scores: torch.Tensor):
+        self.scores = scores
+        self.n_items = scores.shape[1] - 1
+        self.calls = 0
+
+    def encode(self, histories):
+        start = self.calls
+        self.calls += histories.shape[0]
+        return self.scores[start:start + histories.shape[0]]
+
+    def score_items(self, state, lo, hi):
+        return state[:, lo:hi]
+
+
+def test_metrics_by_hand():
+    m = metrics_from_ranks(np.array([0, 1, 4, 10, 25]), ks=(5, 10))
+    assert m["HR@5"] == pytest.approx(3 / 5)
+    assert m["NDCG@5"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(6)) / 5)
+    assert m["MRR@5"] == pytest.approx((1 + 1 / 2 + 1 / 5) / 5)
+    assert m["HR@10"] == pytest.approx(3 / 5)
+    assert m["HR@10"] == m["HR@5"]  # rank 10 is the 11th place: outside the top 10
+
+
+def test_ranks_ties_count_against_target():
+    # items 1..5; user 0 target 3 ties with item 1; user 1 target 2 scores strictly highest
+    scores = torch.tensor([[0, 5.0, 1.0, 5.0, 2.0, 0.0],
+                           [0, 1.0, 9.0, 1.0, 1.0, 1.0]])
+    ranks = compute_ranks(FixedScores(scores), [[4], [1]], [3, 2], 5, exclude_seen=False)
+    assert ranks.tolist() == [1, 0]
+
+
+def test_constant_scorer_gets_no_credit():
+    scores = torch.zeros(3, 8)
+    ranks = compute_ranks(FixedScores(scores), [[1], [2], [3]], [4, 5, 6], 7, exclude_seen=False)
+    assert ranks.tolist() == [6, 6, 6]
+    ranks = compute_ranks(FixedScores(scores), [[1], [2], [3]], [4, 5, 6], 7, exclude_seen=True)
+    assert ranks.tolist() == [5, 5, 5]
+
+
+def test_exclude_seen_by_hand():
+    # target 4; items 1 and 2 score higher but item 1 is in the history
+    scores = torch.tensor([[100.0, 9.0, 8.0, 1.0, 5.0, 0.0]])
+    assert compute_ranks(FixedScores(scores), [[1, 3]], [4], 5, exclude_seen=False).tolist() == [2]
+    assert compute_ranks(FixedScores(scores.clone()), [[1, 3]], [4], 5, exclude_seen=True).tolist() == [1]
+
+
+def test_repeated_target_stays_rankable_and_padding_column_ignored():
+    scores = torch.tensor([[1e9, 1.0, 7.0, 3.0]])  # column 0 is padding, never ranked
+    assert compute_ranks(FixedScores(scores), [[2, 1]], [2], 3, exclude_seen=True).tolist() == [0]
+
+
+def test_nan_target_ranks_last():
+    scores = torch.tensor([[0.0, float("nan"), 1.0, 2.0]])
+    assert compute_ranks(FixedScores(scores), [[3]], [1], 3, exclude_seen=False).tolist() == [2]
+
+
+def test_chunked_equals_unchunked():
+    g = torch.Generator().manual_seed(0)
+    n_users, n_items = 37, 53
+    scores = torch.randint(0, 6, (n_users, n_items + 1), generator=g).float()  # many ties
+    hists = [torch.randint(1, n_items + 1, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+             for _ in range(n_users)]
+    targets = torch.randint(1, n_items + 1, (n_users,), generator=g).tolist()
+    full = compute_ranks(FixedScores(scores), hists, targets, n_items, users_per_batch=n_users,
+                         items_per_chunk=n_items + 1)
+    for ub, ic in ((5, 7), (1, 1), (16, 50)):
+        chunked = compute_ranks(FixedScores(scores), hists, targets, n_items, users_per_batch=ub, items_per_chunk=ic)
+        assert np.array_equal(full, chunked)
+    # and equal to a plain numpy count
+    for r in range(n_users):
+        s = scores[r].numpy()
+        competing = [i for i in range(1, n_items + 1) if i != targets[r] and i not in hists[r]]
+        assert full[r] == sum(s[i] >= s[targets[r]] for i in competing)
+
+
+def test_tiny_memory_budget_still_exact():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(20, 301, generator=g)
+    hists = [[1 + i] for i in range(20)]
+    targets = [100 + i for i in range(20)]
+    a = compute_ranks(FixedScores(scores), hists, targets, 300, memory_mb=512)
+    b = compute_ranks(FixedScores(scores), hists, targets, 300, users_per_batch=3, items_per_chunk=17)
+    assert np.array_equal(a, b)
+
+
+def test_sampled_mode_is_labelled_and_seeded():
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(10, 501, generator=g)
+    hists = [[i + 1] for i in range(10)]
+    targets = [200 + i for i in range(10)]
+    m = evaluate(FixedScores(scores), hists, targets, 500, mode="sampled", seed=3)
+    assert all(k.startswith("sampled_") for k in m)
+    r1 = compute_sampled_ranks(FixedScores(scores), hists, targets, 500, seed=3)
+    r2 = compute_sampled_ranks(FixedScores(scores), hists, targets, 500, seed=3)
+    assert np.array_equal(r1, r2) and r1.max() <= 100
