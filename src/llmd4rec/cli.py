@@ -91,13 +91,13 @@ def cmd_plot(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from .export import export_bundle
 
-    print(export_bundle(Path(args.run_dir), Path(args.out_dir)))
+    print(export_bundle(Path(args.run_dir), Path(args.out_dir), args.model))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from .serve import serve
 
-    serve(Path(args.bundle), host=args.host, port=args.port)
+    serve(Path(args.bundle), host=args.host, port=args.port, empty_history=args.empty_history)
 
 
 def cmd_recommend(args: argparse.Namespace) -> None:
@@ -147,12 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a self-contained serving bundle")
     ex.add_argument("run_dir")
     ex.add_argument("out_dir")
+    ex.add_argument("--model", choices=("crm", "llm"),
+                    help="for a distillation run: its CRM (default) or its LLM; other runs hold one model")
     ex.set_defaults(func=cmd_export)
 
     sv = sub.add_parser("serve", help="serve top-K recommendations over HTTP")
     sv.add_argument("bundle")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--empty-history", choices=("error", "popular"), default="error",
+                    help="an empty history is a 422 error, or gets the most popular items")
     sv.set_defaults(func=cmd_serve)
 
     rc = sub.add_parser("recommend", help="top-K for one history, from the shell")

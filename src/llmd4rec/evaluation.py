@@ -44,20 +44,13 @@ def _plan(n_items: int, memory_mb: int, n_users: int) -> tuple[int, int]:
     return users, chunk
 
 
-def _not_competing(histories: list[list[int]], targets: torch.Tensor, lo: int, hi: int,
-                   exclude_seen: bool) -> torch.Tensor:
-    """Bool [B, hi-lo] of columns that cannot outrank the target: padding, the target itself, seen items."""
-    mask = torch.zeros(len(histories), hi - lo, dtype=torch.bool)
-    if lo == 0:
-        mask[:, 0] = True
-    if exclude_seen:
-        for r, h in enumerate(histories):
-            idx = [i - lo for i in h if lo <= i < hi]
-            if idx:
-                mask[r, idx] = True
-    inside = ((targets >= lo) & (targets < hi)).nonzero(as_tuple=True)[0]
-    mask[inside, targets[inside] - lo] = True
-    return mask
+def _non_competitors(seen: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[B, S] distinct ids per row that never outrank the target: padding 0, the target, and `seen`
+    (the history when excluding seen items, else an empty [B, 0]); repeats are replaced by -1."""
+    ids = torch.cat([seen, targets[:, None], torch.zeros_like(targets)[:, None]], dim=1).sort(dim=1).values
+    repeat = torch.zeros_like(ids, dtype=torch.bool)
+    repeat[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    return ids.masked_fill(repeat, -1)
 
 
 @torch.no_grad()
@@ -81,6 +74,8 @@ def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int]
         hist = inputs[start:start + ub]
         tgt = torch.as_tensor(list(targets[start:start + ub]), dtype=torch.long)
         state = model.encode(pad_left(hist, max_len).to(device))
+        seen = pad_left(hist).to(device) if exclude_seen else torch.zeros(len(hist), 0, dtype=torch.long, device=device)
+        skip = _non_competitors(seen, tgt.to(device))
         chunks = [(lo, min(lo + ic, n_items + 1)) for lo in range(0, n_items + 1, ic)]
         cached = None
         tscore = torch.empty(len(hist), dtype=torch.float32, device=device)
@@ -95,8 +90,12 @@ def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int]
         count = torch.zeros(len(hist), dtype=torch.long, device=device)
         for lo, hi in chunks:
             s = cached if cached is not None else model.score_items(state, lo, hi).float()
-            skip = _not_competing(hist, tgt, lo, hi, exclude_seen).to(device)
-            count += ((s >= tscore[:, None]) & ~skip).sum(dim=1)
+            # count every column at least as high, then take back the non-competitors among them:
+            # a handful per user, so no [B, items] mask is ever built
+            count += torch.count_nonzero(s >= tscore[:, None], dim=1)
+            inside = (skip >= lo) & (skip < hi)
+            taken = torch.gather(s, 1, torch.where(inside, skip - lo, 0)) >= tscore[:, None]
+            count -= torch.count_nonzero(taken & inside, dim=1)
         ranks[start:start + len(hist)] = count.cpu().numpy()
     return ranks
 

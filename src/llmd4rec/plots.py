@@ -22,8 +22,9 @@ def plot_run(run_dir: Path) -> list[Path]:
         phases.setdefault(r.get("phase", "train"), []).append(r)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for phase, rows in phases.items():
-        axes[0].plot([r["epoch"] for r in rows], [r["loss"] for r in rows], marker=".", label=phase)
-        ev = [r for r in rows if "valid" in r]
+        trained = [r for r in rows if "loss" in r]
+        axes[0].plot([r["epoch"] for r in trained], [r["loss"] for r in trained], marker=".", label=phase)
+        ev = [r for r in rows if isinstance(r.get("valid"), dict)]
         for ax, key in ((axes[1], "NDCG@10"), (axes[2], "HR@10")):
             ax.plot([r["epoch"] for r in ev], [r["valid"][key] for r in ev], marker=".", label=phase)
     for ax, title in zip(axes, ("training loss", "validation NDCG@10", "validation HR@10")):

@@ -19,7 +19,15 @@ from ..runs import log_metrics, make_run_dir, pick_device, seed_everything, trun
 from .checkpoint import has_checkpoint, load_checkpoint, load_weights, save_checkpoint
 
 KDHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""kd(rows [B], valid [B, L], logits [V, N+1], targets [V]) -> scalar loss added to the recommendation loss."""
+"""kd(users [V], cols [V], logits [V, N+1], targets [V]) -> scalar loss added to the recommendation loss; users and
+cols address the untrimmed all-positions grid, the same cells a teacher cache is keyed by."""
+
+
+def trim_padding(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop columns that are padding in every row: exact, since positions count back from the latest item."""
+    used = (x > 0).any(0).nonzero()
+    start = int(used[0, 0]) if len(used) else x.shape[1] - 1
+    return x[:, start:], y[:, start:]
 
 
 def rec_loss(model: SASRec, h: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig,
@@ -47,8 +55,12 @@ def rec_loss(model: SASRec, h: torch.Tensor, targets: torch.Tensor, cfg: TrainCo
 
 
 def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str = "crm",
-            train_cfg: TrainConfig | None = None, kd: KDHook | None = None, resume: bool = False) -> dict:
-    """Train with early stopping on validation NDCG@10; leaves the best weights in `model`; returns its metrics."""
+            train_cfg: TrainConfig | None = None, kd: KDHook | None = None, resume: bool = False,
+            keep_start: bool = False) -> dict:
+    """Train with early stopping on validation NDCG@10; leaves the best weights in `model`; returns its metrics.
+
+    keep_start: the starting weights compete too (a distillation phase never ends worse than it began).
+    """
     tc = train_cfg or cfg.crm_train
     device = next(model.parameters()).device
     folder = run_dir / phase
@@ -63,6 +75,12 @@ def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str 
         truncate_metrics(run_dir, phase, state["epoch"])
         if state.get("stopped"):
             start = tc.epochs + 1
+    elif keep_start:
+        model.eval()
+        valid_m = evaluate_split(model, split, cfg.eval, "valid", device)
+        best = valid_m["NDCG@10"]
+        save_checkpoint(folder, "best", model.state_dict(), state={"epoch": 0, "valid": valid_m})
+        log_metrics(run_dir, {"phase": phase, "epoch": 0, "valid": valid_m})
     for epoch in range(start, tc.epochs + 1):
         model.train()
         t0 = time.perf_counter()
@@ -71,7 +89,8 @@ def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str 
         bar = tqdm(range(0, len(perm), tc.batch_size), desc=f"{phase} epoch {epoch}", leave=False, mininterval=2, disable=None)
         for s in bar:
             rows = perm[s:s + tc.batch_size]
-            x, y = inputs[rows].to(device), targets[rows].to(device)
+            x, y = trim_padding(inputs[rows], targets[rows])
+            x, y = x.to(device), y.to(device)
             valid = y > 0
             h = model.hidden(x)[valid]
             loss, logits = rec_loss(model, h, y[valid], tc, gen)
@@ -79,7 +98,8 @@ def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str 
                 if logits is None:
                     logits = h @ model.output_weight.T
                     logits[:, 0] = float("-inf")
-                loss = loss + kd(rows, valid.cpu(), logits, y[valid])
+                r, c = (targets[rows] > 0).nonzero(as_tuple=True)  # same row-major order as `valid`
+                loss = loss + kd(rows[r], c, logits, y[valid])
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss in phase '{phase}', epoch {epoch}, step {s // tc.batch_size}; "
                                          f"the last good checkpoint is kept in {folder}")

@@ -1,0 +1,52 @@
+"""Train SASRec with a config through the CLI recipe and record accuracy and time on this machine.
+
+Example: python benchmarks/train_crm.py --config configs/sasrec/beauty.yaml --name sasrec_beauty \
+             data.data_dir=../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import header  # noqa: E402
+
+from llmd4rec.config import config_to_dict, load_config  # noqa: E402
+from llmd4rec.runs import read_metrics  # noqa: E402
+from llmd4rec.training import crm  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--name", required=True, help="result file benchmarks/results/NAME.json")
+    p.add_argument("--resume", help="continue a stopped benchmark run folder")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    cfg = load_config(args.config, args.overrides + [f"run_name={args.name}"] * (args.resume is None))
+    run_dir = crm.run(cfg, args.resume)
+    results = json.loads((run_dir / "results.json").read_text())
+    records = [r for r in read_metrics(run_dir) if r.get("phase") == "crm"]
+    epoch_seconds = [r["epoch_seconds"] for r in records]
+    out = header(config_to_dict(cfg))
+    out.update({
+        "run_dir": str(run_dir),
+        "eval": {"mode": cfg.eval.mode, "exclude_seen": cfg.eval.exclude_seen, "users": "all"},
+        "metrics": {"valid": results["valid"], "test": results["test"]},
+        "best_epoch": results["best_epoch"],
+        "epochs_run": len(records),
+        "seconds_per_epoch": statistics.median(epoch_seconds),
+        "train_seconds": sum(epoch_seconds),
+        "total_seconds": results["train_seconds"],
+    })
+    path = Path(__file__).resolve().parent / "results" / f"{args.name}.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Serving bundles: one folder with everything `serve` needs, so serving never reads a run folder or a dataset.
+
+Layout:
+  bundle.json             kind ("crm" | "llm"), dataset, n_items, max_len, package version, backbone (llm)
+  config.yaml             the run's resolved config (the model section rebuilds the architecture)
+  model.safetensors       SASRec state dict; or E4SRec LoRA + W_in + W_out + `item_table` (the frozen item table)
+  popularity.safetensors  `counts` [n_items + 1]: interactions per item, for the empty-history fallback
+  items.json              [{"id": internal id, "item": original id, "title": ...}] for ids 1..n_items
+
+An LLM bundle references its backbone (name, keep_layers, dtype) instead of copying it: the frozen decoder is
+the same public checkpoint for every bundle, and only the trained parts change.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import Config, save_config
+from .data.dataset import Dataset
+from .errors import InputError
+from .io import atomic_write_json, save_tensors
+
+BUNDLE_FORMAT = 1
+KINDS = ("crm", "llm")
+_RUN_MODEL = {"sasrec": "crm", "e4srec": "llm"}  # run kind -> the one model such a run holds
+
+
+def _pick(run_kind: str, model: Any, which: str | None) -> tuple[str, Any]:
+    """The (kind, model) to export: a single-model run has one; a distillation run holds `.crm` and `.llm`."""
+    if run_kind in _RUN_MODEL:
+        kind = _RUN_MODEL[run_kind]
+        if which not in (None, kind):
+            raise InputError(f"a '{run_kind}' run has no {which} model; it exports as --model {kind}")
+        return kind, model
+    which = which or "crm"
+    if which not in KINDS:
+        raise InputError(f"--model must be crm or llm, got '{which}'")
+    return which, getattr(model, which)
+
+
+def export_bundle(run_dir: Path, out_dir: Path, model: str | None = None) -> Path:
+    """`llmd4rec export`: the run's best model (for a distillation run, its CRM or its LLM) as a bundle."""
+    from .pretrained import load_run
+
+    run = load_run(run_dir, device="cpu")
+    kind, net = _pick(run.kind, run.model, model)
+    return write_bundle(out_dir, kind, net, run.cfg, run.dataset)
+
+
+def _weights(kind: str, model: Any) -> dict[str, torch.Tensor]:
+    if kind == "crm":
+        return dict(model.state_dict())
+    return {**model.trainable_state_dict(), "item_table": model.item_table}
+
+
+def write_bundle(out_dir: Path, kind: str, model: Any, cfg: Config, dataset: Dataset) -> Path:
+    """Writes the bundle into a temporary sibling folder and renames it into place: never half a bundle."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise InputError("output folder exists and is not empty", out_dir)
+    if model.n_items != dataset.n_items:
+        raise InputError(f"model has {model.n_items} items but dataset '{dataset.name}' has {dataset.n_items}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        save_tensors(tmp / "model.safetensors", _weights(kind, model))
+        flat = np.fromiter((i for seq in dataset.sequences for i in seq), dtype=np.int64)
+        counts = torch.from_numpy(np.bincount(flat, minlength=dataset.n_items + 1)).float()
+        save_tensors(tmp / "popularity.safetensors", {"counts": counts})
+        save_config(cfg, tmp / "config.yaml")
+        titles = dataset.titles or []
+        items = [{"id": i, "item": dataset.item_ids[i], **({"title": titles[i]} if i < len(titles) and titles[i] else {})}
+                 for i in range(1, dataset.n_items + 1)]
+        atomic_write_json(tmp / "items.json", items)
+        info: dict[str, Any] = {"format": BUNDLE_FORMAT, "kind": kind, "dataset": dataset.name,
+                                "n_items": dataset.n_items, "max_len": model.max_len, "version": __version__}
+        if kind == "llm":
+            info["backbone"] = {"name": cfg.llm.backbone, "keep_layers": cfg.llm.keep_layers, "dtype": cfg.llm.dtype}
+        atomic_write_json(tmp / "bundle.json", info)  # written last: its presence marks a complete bundle
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

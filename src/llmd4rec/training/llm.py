@@ -1,0 +1,202 @@
+"""Recipe: train E4SRec (LoRA + W_in + W_out) on every prefix of each user's training sequence.
+
+Samples are the (user, position) cells of the same all-positions view SASRec trains on, so a teacher cache
+written by either model lines up with the other's samples. Batches are whole users, so the all-prefix path
+scores each user's prefixes in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Config, TrainConfig
+from ..data.dataset import Split, all_positions
+from ..evaluation import evaluate_split
+from ..io import load_tensors
+from ..pretrained import load_crm, load_data
+from ..runs import format_table, log_metrics, make_run_dir, pick_device, seed_everything, truncate_metrics, write_results
+from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+
+KDHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""kd(rows [S], cols [S], logits [S, N+1], targets [S]) -> scalar loss added to the cross-entropy."""
+
+
+def sample_grid(train: list[list[int]], max_len: int, max_targets_per_user: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs [U, L] and targets [U, L] with only each user's last `max_targets_per_user` targets kept."""
+    inputs, targets = all_positions(train, max_len)
+    if max_targets_per_user > 0:
+        from_end = (targets > 0).flip(1).cumsum(1).flip(1)  # 1 at the last target, 2 before it, ...
+        targets = targets.masked_fill(from_end > max_targets_per_user, 0)
+    return inputs, targets
+
+
+def user_batches(targets: torch.Tensor, order: torch.Tensor, samples_per_batch: int) -> list[torch.Tensor]:
+    """Consecutive users of `order` grouped so that each batch holds about `samples_per_batch` samples."""
+    counts = (targets > 0).sum(1)[order].tolist()
+    batches, current, filled = [], [], 0
+    for user, c in zip(order.tolist(), counts):
+        if c == 0:
+            continue
+        if current and filled + c > samples_per_batch:
+            batches.append(torch.tensor(current))
+            current, filled = [], 0
+        current.append(user)
+        filled += c
+    if current:
+        batches.append(torch.tensor(current))
+    return batches
+
+
+def cosine_with_warmup(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(total - warmup, 1))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def build_llm(cfg: Config, item_table: torch.Tensor, device: torch.device | str):
+    from ..models.e4srec import E4SRec
+
+    return E4SRec(cfg.llm, item_table).to(device)
+
+
+def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm", train_cfg: TrainConfig | None = None,
+            kd: KDHook | None = None, resume: bool = False, save_every: int = 50, keep_start: bool = False) -> dict:
+    """AdamW + cosine warmup, early stopping on validation NDCG@10; checkpoints every `save_every` steps too.
+
+    keep_start: the starting weights compete too (a distillation phase never ends worse than it began).
+    """
+    tc = train_cfg or cfg.llm_train
+    device = model.w_out.weight.device
+    folder = run_dir / phase
+    inputs, targets = sample_grid(split.train, model.max_len, tc.max_targets_per_user)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    gen = torch.Generator().manual_seed(tc.seed)
+    n_batches = len(user_batches(targets, torch.arange(len(targets)), tc.batch_size))
+    sched = cosine_with_warmup(opt, tc.warmup_steps, tc.epochs * math.ceil(n_batches / tc.grad_accum))
+    epoch, step, best, bad, best_epoch = 1, 0, -1.0, 0, 0
+    if resume and has_checkpoint(folder, "last"):
+        weights, st = load_checkpoint(folder, "last", opt, {"train": gen})
+        model.load_trainable_state_dict(weights)
+        epoch, step, best, bad, best_epoch = st["epoch"], st["step"], st["best"], st["bad"], st["best_epoch"]
+        sched.load_state_dict({**sched.state_dict(), "last_epoch": st["sched"], "_step_count": st["sched"] + 1})
+        truncate_metrics(run_dir, phase, epoch - 1)
+        if st.get("stopped"):
+            epoch = tc.epochs + 1
+    elif keep_start:
+        model.eval()
+        valid_m = evaluate_split(model, split, cfg.eval, "valid", device)
+        best = valid_m["NDCG@10"]
+        save_checkpoint(folder, "best", model.trainable_state_dict(), state={"epoch": 0, "valid": valid_m})
+        log_metrics(run_dir, {"phase": phase, "epoch": 0, "valid": valid_m})
+    while epoch <= tc.epochs:
+        epoch_gen_state = gen.get_state()
+        batches = user_batches(targets, torch.randperm(len(targets), generator=gen), tc.batch_size)
+        model.train()
+        t0, total, seen = time.perf_counter(), 0.0, 0
+        for b in range(step, len(batches)):
+            users = batches[b]
+            x, y = inputs[users].to(device), targets[users].to(device)
+            rows, cols = (y > 0).nonzero(as_tuple=True)
+            logits = model.prefix_logits(x, rows, cols)
+            logits[:, 0] = float("-inf")
+            tgt = y[rows, cols]
+            loss = F.cross_entropy(logits, tgt)
+            if kd is not None:
+                loss = loss + kd(users[rows.cpu()], cols.cpu(), logits, tgt)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss in phase '{phase}', epoch {epoch}, step {b}; "
+                                         f"the last good checkpoint is kept in {folder}")
+            (loss / tc.grad_accum).backward()
+            if (b + 1) % tc.grad_accum == 0 or b + 1 == len(batches):
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            total += loss.item() * len(tgt)
+            seen += len(tgt)
+            if save_every and (b + 1) % save_every == 0 and (b + 1) % tc.grad_accum == 0 and b + 1 < len(batches):
+                gen_now = gen.get_state()
+                gen.set_state(epoch_gen_state)  # resuming replays this epoch's order, then skips done batches
+                save_checkpoint(folder, "last", model.trainable_state_dict(), opt,
+                                {"epoch": epoch, "step": b + 1, "best": best, "bad": bad, "best_epoch": best_epoch,
+                                 "sched": sched.last_epoch}, {"train": gen})
+                gen.set_state(gen_now)
+                print(f"{phase} epoch {epoch} step {b + 1}/{len(batches)}: loss {total / max(seen, 1):.4f}, "
+                      f"{seen / (time.perf_counter() - t0):.1f} samples/s", flush=True)
+        record = {"phase": phase, "epoch": epoch, "loss": total / max(seen, 1),
+                  "epoch_seconds": time.perf_counter() - t0, "samples": seen}
+        model.eval()
+        valid_m = evaluate_split(model, split, cfg.eval, "valid", device)
+        record["valid"] = valid_m
+        if valid_m["NDCG@10"] > best:
+            best, bad, best_epoch = valid_m["NDCG@10"], 0, epoch
+            save_checkpoint(folder, "best", model.trainable_state_dict(), state={"epoch": epoch, "valid": valid_m})
+        else:
+            bad += 1
+        stop = bad >= tc.patience
+        log_metrics(run_dir, record)
+        save_checkpoint(folder, "last", model.trainable_state_dict(), opt,
+                        {"epoch": epoch + 1, "step": 0, "best": best, "bad": bad, "best_epoch": best_epoch,
+                         "sched": sched.last_epoch, "stopped": stop}, {"train": gen})
+        print(f"{phase} epoch {epoch}: loss {record['loss']:.4f}, {record['epoch_seconds']:.0f}s, "
+              f"valid NDCG@10 {valid_m['NDCG@10']:.4f}", flush=True)
+        epoch, step = epoch + 1, 0
+        if stop:
+            break
+    model.load_trainable_state_dict(load_tensors(folder / "best.safetensors"))
+    model.eval()
+    return {"valid": evaluate_split(model, split, cfg.eval, "valid", device),
+            "test": evaluate_split(model, split, cfg.eval, "test", device), "best_epoch": best_epoch}
+
+
+def crm_item_table(cfg: Config, n_items: int) -> torch.Tensor:
+    if not cfg.crm_run:
+        raise ValueError("train-llm needs crm_run=RUN_DIR: the SASRec run whose item embeddings initialise E4SRec")
+    return load_crm(Path(cfg.crm_run), n_items, cfg).item_emb.weight.detach().clone()
+
+
+def load_llm(run_dir: Path, n_items: int, cfg: Config, device: torch.device | str = "cpu", phase: str = "llm",
+             tag: str = "best"):
+    """Rebuild E4SRec from a run: the item table is stored in the run, so the CRM run is not needed."""
+    table = load_tensors(Path(run_dir) / phase / "item_table.safetensors")["item_table"]
+    model = build_llm(cfg, table, device)
+    model.load_trainable_state_dict(load_tensors(Path(run_dir) / phase / f"{tag}.safetensors"))
+    return model.eval()
+
+
+def run(cfg: Config, resume: str | None = None) -> Path:
+    """`llmd4rec train-llm`: SASRec item table -> E4SRec -> early-stopped LoRA training -> test metrics."""
+    from ..io import save_tensors
+
+    run_dir = make_run_dir(cfg, "e4srec", resume)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    dataset, split = load_data(cfg)
+    table_path = run_dir / "llm" / "item_table.safetensors"
+    if resume and table_path.exists():
+        table = load_tensors(table_path)["item_table"]
+    else:
+        table = crm_item_table(cfg, dataset.n_items)
+        save_tensors(table_path, {"item_table": table})
+    model = build_llm(cfg, table, device)
+    t0 = time.perf_counter()
+    metrics = fit_llm(model, split, cfg, run_dir, resume=resume is not None)
+    keys = [f"{m}@{k}" for m in ("HR", "NDCG") for k in cfg.eval.ks]
+    results = {"model": "E4SRec", "dataset": dataset.name, "backbone": cfg.llm.backbone,
+               "keep_layers": cfg.llm.keep_layers, "exclude_seen": cfg.eval.exclude_seen,
+               "eval_mode": cfg.eval.mode, "train_seconds": time.perf_counter() - t0, **metrics}
+    write_results(run_dir, results, format_table({"E4SRec": metrics["test"]}, keys))
+    print(format_table({"E4SRec": metrics["test"]}, keys), flush=True)
+    return run_dir

@@ -1,0 +1,350 @@
+"""Bundles and the HTTP server: the served top-K is the trained model's ranking, and no client input gets a 5xx."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from llmd4rec import cli  # noqa: E402
+from llmd4rec.config import Config, E4SRecConfig, load_config  # noqa: E402
+from llmd4rec.data.dataset import pad_left  # noqa: E402
+from llmd4rec.errors import InputError  # noqa: E402
+from llmd4rec.export import export_bundle, write_bundle  # noqa: E402
+from llmd4rec.models.sasrec import SASRec  # noqa: E402
+from llmd4rec.pretrained import load_run  # noqa: E402
+from llmd4rec.serve import create_app, load_bundle, recommend_cli  # noqa: E402
+
+N_ITEMS, MAX_LEN = 60, 12
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory):
+    """A tiny SASRec trained for one epoch on the synthetic data (about a second), loaded back as a run."""
+    from llmd4rec.training import crm
+
+    root = tmp_path_factory.mktemp("serve")
+    cfg = load_config(None, ["data.name=synthetic", "data.synthetic_users=200", f"data.synthetic_items={N_ITEMS}",
+                             "crm_train.epochs=1", "crm.hidden=16", f"crm.max_len={MAX_LEN}", f"data.max_len={MAX_LEN}",
+                             "device=cpu", f"run_dir={root}", "run_name=sasrec"])
+    return load_run(crm.run(cfg))
+
+
+@pytest.fixture(scope="session")
+def bundle(run, tmp_path_factory) -> Path:
+    return export_bundle(run.run_dir, tmp_path_factory.mktemp("bundles") / "crm")
+
+
+@pytest.fixture(scope="session")
+def client(bundle):
+    return TestClient(create_app(bundle))
+
+
+def reference(model, histories, k, exclude_seen):
+    """score_all + exclude-seen + torch.topk, straight from the trained model: (internal ids, scores) per row."""
+    with torch.no_grad():
+        scores = model.score_all(pad_left(histories, model.max_len))
+    scores[:, 0] = float("-inf")
+    out = []
+    for r, h in enumerate(histories):
+        if exclude_seen:
+            scores[r, h] = float("-inf")
+        top = torch.topk(scores[r], k)
+        out.append((top.indices.tolist(), top.values.tolist()))
+    return out
+
+
+def assert_same(answer, ref, run):
+    ids, scores = ref
+    assert [r["item"] for r in answer["items"]] == [run.dataset.item_ids[i] for i in ids]
+    assert [r["score"] for r in answer["items"]] == pytest.approx(scores, abs=1e-5)
+
+
+def post(client, path, obj):
+    return client.post(path, content=json.dumps(obj))
+
+
+def test_bundle_files(bundle, run):
+    assert {p.name for p in bundle.iterdir()} >= {"model.safetensors", "config.yaml", "bundle.json", "items.json",
+                                                  "popularity.safetensors"}
+    info = json.loads((bundle / "bundle.json").read_text())
+    assert info["kind"] == "crm" and info["n_items"] == N_ITEMS and info["max_len"] == MAX_LEN
+    items = json.loads((bundle / "items.json").read_text())
+    assert items[0] == {"id": 1, "item": run.dataset.item_ids[1], "title": run.dataset.titles[1]}
+
+
+def test_topk_matches_model(client, run):
+    long = run.split.test_inputs[0] * 5  # longer than max_len: the latest items are used
+    assert len(long) > MAX_LEN
+    for h in [run.split.test_inputs[1], run.split.test_inputs[2][:1], long]:
+        for k, exclude in [(10, True), (3, False), (N_ITEMS, True)]:
+            r = post(client, "/recommend", {"history": [run.dataset.item_ids[i] for i in h], "k": k,
+                                            "exclude_seen": exclude})
+            assert r.status_code == 200, r.text
+            n_unseen = N_ITEMS - len(set(h)) if exclude else N_ITEMS
+            ids, scores = reference(run.model, [h], k, exclude)[0]
+            assert_same(r.json(), (ids[:n_unseen], scores[:n_unseen]), run)  # masked items are never listed
+            assert r.json()["source"] == "model"
+            assert all(x["title"] == run.dataset.titles[int(x["item"])] for x in r.json()["items"])
+
+
+def test_integer_ids_and_defaults(client, run):
+    h = run.split.test_inputs[3]
+    r = post(client, "/recommend", {"history": [int(run.dataset.item_ids[i]) for i in h]})
+    assert r.status_code == 200
+    assert_same(r.json(), reference(run.model, [h], 10, True)[0], run)
+
+
+def test_long_history_keeps_latest(client, run):
+    h = run.split.test_inputs[0] * 5
+    ids = [run.dataset.item_ids[i] for i in h]
+    full = post(client, "/recommend", {"history": ids, "exclude_seen": False}).json()
+    latest = post(client, "/recommend", {"history": ids[-MAX_LEN:], "exclude_seen": False}).json()
+    assert full == latest
+
+
+def test_batch_is_one_pass(client, run, monkeypatch):
+    hs = [run.split.test_inputs[i] for i in range(5)]
+    ks, excl = [5, 1, 10, 7, 3], [True, False, True, True, False]
+    calls = []
+    original = SASRec.score_all
+    monkeypatch.setattr(SASRec, "score_all", lambda self, x: calls.append(x.shape) or original(self, x))
+    r = post(client, "/recommend/batch", {"requests": [
+        {"history": [run.dataset.item_ids[i] for i in h], "k": k, "exclude_seen": e} for h, k, e in zip(hs, ks, excl)]})
+    assert r.status_code == 200, r.text
+    assert calls == [(5, MAX_LEN)]
+    monkeypatch.undo()
+    with torch.no_grad():
+        scores = run.model.score_all(pad_left(hs, MAX_LEN))
+    scores[:, 0] = float("-inf")
+    for r_, (h, k, e, answer) in enumerate(zip(hs, ks, excl, r.json()["results"])):
+        if e:
+            scores[r_, h] = float("-inf")
+        top = torch.topk(scores[r_], k)
+        assert_same(answer, (top.indices.tolist(), top.values.tolist()), run)
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"history": ["1", "nope", "99999"]}, "unknown item ids: 'nope', '99999'"),
+    ({"history": ["\ud800"]}, "unknown item ids: '\\ud800'"),  # a lone surrogate must not break the reply
+    ({"history": []}, "history is empty"),
+    ({"history": ["1"], "k": 0}, "k must be an integer between 1 and 60"),
+    ({"history": ["1"], "k": N_ITEMS + 1}, "k must be"),
+    ({"history": ["1"], "k": "3"}, "k must be"),
+    ({"history": ["1"], "k": True}, "k must be"),
+    ({"history": ["1"], "k": 2.0}, "k must be"),
+    ({"history": ["1"], "exclude_seen": "yes"}, "exclude_seen must be"),
+    ({"history": "1,2"}, "history must be a list"),
+    ({"history": [1.5]}, "history[0] must be an item id"),
+    ({"history": [True]}, "history[0] must be an item id"),
+    ({"history": [["1"]]}, "history[0] must be an item id"),
+    ({"k": 3}, "missing field 'history'"),
+    ({"history": ["1"], "topk": 3}, "unknown field(s) 'topk'"),
+    ([1, 2, 3], "must be a JSON object"),
+    (None, "must be a JSON object"),
+])
+def test_bad_requests_are_422(client, body, fragment):
+    r = post(client, "/recommend", body)
+    assert r.status_code == 422
+    assert fragment in r.json()["detail"]
+
+
+def test_unknown_ids_are_all_named(client):
+    r = post(client, "/recommend", {"history": [f"x{i}" for i in range(25)]})
+    assert r.status_code == 422 and "'x19'" in r.json()["detail"] and "(+5 more)" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"requests": []}, "1 to 256 requests"),
+    ({"requests": [{"history": ["1"]}] * 257}, "1 to 256 requests"),
+    ({"requests": [{"history": ["1"]}, {"history": ["zz"]}]}, "requests[1]: unknown item ids: 'zz'"),
+    ({"history": ["1"]}, '{"requests": [request, ...]}'),
+    ({"requests": {"history": ["1"]}}, '{"requests": [request, ...]}'),
+])
+def test_bad_batches_are_422(client, body, fragment):
+    r = post(client, "/recommend/batch", body)
+    assert r.status_code == 422
+    assert fragment in r.json()["detail"]
+
+
+def test_fewer_unseen_items_than_k(client, run):
+    r = post(client, "/recommend", {"history": [str(i) for i in range(1, N_ITEMS - 1)], "k": 5})
+    assert r.status_code == 200
+    assert sorted(x["item"] for x in r.json()["items"]) == [str(N_ITEMS - 1), str(N_ITEMS)]
+
+
+def test_popularity_fallback(bundle, run):
+    client = TestClient(create_app(bundle, empty_history="popular"))
+    counts = torch.zeros(N_ITEMS + 1)
+    for seq in run.dataset.sequences:
+        for i in seq:
+            counts[i] += 1
+    counts[0] = float("-inf")
+    top = torch.topk(counts, 4)
+    r = post(client, "/recommend", {"history": [], "k": 4})
+    assert r.status_code == 200 and r.json()["source"] == "popular"
+    assert [x["item"] for x in r.json()["items"]] == [run.dataset.item_ids[i] for i in top.indices.tolist()]
+    batch = post(client, "/recommend/batch", {"requests": [{"history": []}, {"history": ["1"]}]}).json()["results"]
+    assert [b["source"] for b in batch] == ["popular", "model"]
+    assert client.get("/info").json()["empty_history"] == "popular"
+    with pytest.raises(InputError, match="empty_history must be one of"):
+        create_app(bundle, empty_history="random")
+
+
+def test_malformed_json_is_400(client):
+    for raw in [b"{", b"not json", b"\xff\xfe\x00", b"[" * 100_000, b""]:
+        r = client.post("/recommend", content=raw)
+        assert r.status_code == 400, raw[:10]
+        assert r.json()["detail"] == "request body is not valid JSON"
+
+
+def test_body_limit_is_413(bundle):
+    client = TestClient(create_app(bundle, max_body_bytes=1000))
+    big = json.dumps({"history": ["1"] * 400}).encode()
+    assert client.post("/recommend", content=big).status_code == 413
+    assert client.post("/recommend", content=iter([big[:600], big[600:]])).status_code == 413  # chunked, no length
+    assert client.post("/recommend", content=json.dumps({"history": ["1"] * 100})).status_code == 200
+
+
+def test_default_body_limit_is_1mib(client):
+    assert client.post("/recommend", content=b" " * (1 << 20 | 1)).status_code == 413
+
+
+def test_health_info_and_routes(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    info = client.get("/info").json()
+    assert info["kind"] == "crm" and info["dataset"] == "synthetic" and info["n_items"] == N_ITEMS
+    assert info["max_len"] == MAX_LEN and info["version"] and info["empty_history"] == "error"
+    assert client.get("/recommend").status_code == 405
+    assert client.get("/nothing").status_code == 404
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=25)
+near_valid = st.fixed_dictionaries(
+    {"history": st.lists(st.integers(-2, N_ITEMS + 2) | st.text(max_size=3) | json_values, max_size=70)},
+    optional={"k": st.integers(-3, N_ITEMS + 3) | json_values, "exclude_seen": json_values, "x": json_values})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=json_values | near_valid | st.fixed_dictionaries({"requests": st.lists(near_valid | json_values,
+                                                                                     max_size=4)}))
+def test_fuzz_json_never_5xx(client, body):
+    for path in ("/recommend", "/recommend/batch"):
+        r = client.post(path, content=json.dumps(body))
+        assert r.status_code < 500 and r.status_code in (200, 422), r.text
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=200))
+def test_fuzz_bytes_never_5xx(client, raw):
+    for path in ("/recommend", "/recommend/batch"):
+        assert client.post(path, content=raw).status_code < 500
+
+
+def test_crm_bundle_loads_without_transformers(bundle):
+    code = ("import sys; from llmd4rec.serve import create_app; create_app(sys.argv[1]); "
+            "assert 'transformers' not in sys.modules, 'transformers was imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_recommend_cli_matches_server(bundle, client, run, capsys):
+    h = [run.dataset.item_ids[i] for i in run.split.test_inputs[4]]
+    recommend_cli(bundle, ",".join(h) + ",", 4, True)
+    lines = capsys.readouterr().out.splitlines()
+    served = post(client, "/recommend", {"history": h, "k": 4}).json()["items"]
+    assert [line.split()[1] for line in lines[1:]] == [r["item"] for r in served]
+    assert cli.main(["recommend", str(bundle), "--history", "1,nope", "--k", "3"]) == 2
+    assert "unknown item ids: 'nope'" in capsys.readouterr().err
+
+
+def test_export_refusals(run, bundle, tmp_path, capsys):
+    with pytest.raises(InputError, match="not empty"):
+        export_bundle(run.run_dir, bundle)
+    with pytest.raises(InputError, match="no llm model"):
+        export_bundle(run.run_dir, tmp_path / "b", "llm")
+    assert cli.main(["export", str(tmp_path), str(tmp_path / "b")]) == 2
+    assert "no run.json" in capsys.readouterr().err
+    with pytest.raises(InputError, match="not a bundle"):
+        load_bundle(tmp_path)
+
+
+def test_llm_bundle_round_trip(run, tmp_path):
+    """An E4SRec on a tiny random Qwen2 saved as a local model folder: the bundle scores exactly like the model."""
+    pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from llmd4rec.models.e4srec import E4SRec, load_backbone
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+    torch.manual_seed(0)
+    backbone = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256))
+    backbone.save_pretrained(tmp_path / "qwen")
+    tokenizer.save_pretrained(tmp_path / "qwen")
+
+    cfg = Config(llm=E4SRecConfig(backbone=str(tmp_path / "qwen"), max_len=8, instruction="History:",
+                                  response="\nNext:"))
+    model = E4SRec(cfg.llm, torch.randn(N_ITEMS + 1, 16), *load_backbone(cfg.llm.backbone)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)  # LoRA B starts at zero: make every trained part matter
+    out = write_bundle(tmp_path / "llm", "llm", model, cfg, run.dataset)
+    info = json.loads((out / "bundle.json").read_text())
+    assert info["kind"] == "llm" and info["backbone"] == {"name": str(tmp_path / "qwen"), "keep_layers": None,
+                                                          "dtype": "float32"}
+    client = TestClient(create_app(out))
+    h = run.split.test_inputs[0]
+    r = post(client, "/recommend", {"history": [run.dataset.item_ids[i] for i in h], "k": 5})
+    assert r.status_code == 200 and client.get("/info").json()["kind"] == "llm"
+    assert_same(r.json(), reference(model, [h], 5, True)[0], run)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_server_process(bundle, run):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llmd4rec", "serve", str(bundle), "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not answer /health within 60 s"
+            time.sleep(0.2)
+        h = run.split.test_inputs[0]
+        r = httpx.post(f"{url}/recommend", json={"history": [run.dataset.item_ids[i] for i in h], "k": 3}, timeout=10)
+        assert r.status_code == 200
+        assert_same(r.json(), reference(run.model, [h], 3, True)[0], run)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
