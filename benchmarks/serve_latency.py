@@ -5,7 +5,7 @@ dataset, k=10, exclude_seen) are shared by that many client tasks, stopping earl
 seconds; p50/p99 latency (ms) and requests/s are recorded per level. The client runs on the same machine, so
 on a small one the numbers include its CPU share.
 
-  python benchmarks/serve_latency.py --bundle beauty-sasrec=bundles/beauty --concurrency 1 8 32 --requests 400
+  python benchmarks/serve_latency.py --bundle beauty-sasrec=bundles/beauty --concurrency 1 8 32 --requests 1000
 """
 
 from __future__ import annotations
@@ -69,31 +69,36 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def level(url: str, bodies: list[dict], concurrency: int, time_cap: float, server_pid: int) -> dict:
+async def level(url: str, bodies: list[bytes], concurrency: int, time_cap: float, server_pid: int) -> dict:
     """`concurrency` tasks take bodies from one queue until it is empty or the time cap passes.
 
-    Server and client CPU per request are recorded too: on a small machine they share the cores, and which one
-    saturates first decides the requests/s.
+    Each task has its own client and keep-alive connection, opened before the clock starts: one shared pool costs
+    the client more CPU per request as concurrency grows, and on a small machine that CPU is taken from the
+    server. Server and client CPU per request are recorded, since whichever saturates first sets the requests/s.
     """
     queue = list(reversed(bodies))
     latencies: list[float] = []
     errors = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+    headers = {"content-type": "application/json"}
+    clients = [httpx.AsyncClient(base_url=url, timeout=60) for _ in range(concurrency)]
+    try:
+        await asyncio.gather(*(c.get("/health") for c in clients))
         start, server0, client0 = time.perf_counter(), cpu_seconds(server_pid), time.process_time()
 
-        async def worker() -> None:
+        async def worker(client: httpx.AsyncClient) -> None:
             nonlocal errors
             while queue and time.perf_counter() - start < time_cap:
                 body = queue.pop()
                 t0 = time.perf_counter()
-                r = await client.post("/recommend", json=body)
+                r = await client.post("/recommend", content=body, headers=headers)
                 latencies.append(time.perf_counter() - t0)
                 errors += r.status_code != 200
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(c) for c in clients))
         wall = time.perf_counter() - start
         server_cpu, client_cpu = cpu_seconds(server_pid) - server0, time.process_time() - client0
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
     ms = np.array(latencies) * 1000
     n = max(len(latencies), 1)
     return {"requests": len(latencies), "errors": errors, "seconds": round(wall, 3),
@@ -105,7 +110,7 @@ async def level(url: str, bodies: list[dict], concurrency: int, time_cap: float,
 
 def bench_bundle(name: str, bundle: Path, args: argparse.Namespace) -> dict:
     hist = histories(bundle, args.data_dir, args.requests + args.warmup, args.seed)
-    bodies = [{"history": h, "k": args.k, "exclude_seen": True} for h in hist]
+    bodies = [json.dumps({"history": h, "k": args.k, "exclude_seen": True}).encode() for h in hist]
     port = free_port()
     proc = start_server(bundle, port, args.start_timeout)
     url = f"http://127.0.0.1:{port}"
@@ -125,7 +130,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", action="append", required=True, metavar="NAME=PATH", help="repeatable")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
+    p.add_argument("--requests", type=int, default=1000, help="requests per concurrency level")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--duration-limit", type=float, default=30.0, help="seconds per level, at most")
     p.add_argument("--k", type=int, default=10)

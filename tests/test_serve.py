@@ -1,5 +1,6 @@
 """Bundles and the HTTP server: the served top-K is the trained model's ranking, and no client input gets a 5xx."""
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -9,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
+import llmd4rec.pretrained  # noqa: E402
 from llmd4rec import cli  # noqa: E402
 from llmd4rec.config import Config, E4SRecConfig, load_config  # noqa: E402
 from llmd4rec.data.dataset import pad_left  # noqa: E402
@@ -134,6 +136,28 @@ def test_batch_is_one_pass(client, run, monkeypatch):
         assert_same(answer, (top.indices.tolist(), top.values.tolist()), run)
 
 
+def test_concurrent_requests_share_a_pass(bundle, run, monkeypatch):
+    """Requests that arrive together are scored in one pass; each still gets its own history's ranking."""
+    app = create_app(bundle)
+    calls = []
+    original = SASRec.score_all
+    monkeypatch.setattr(SASRec, "score_all", lambda self, x: calls.append(len(x)) or original(self, x))
+    hs = [run.split.test_inputs[i] for i in range(6)]
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            return await asyncio.gather(*(c.post("/recommend", json={"history": [run.dataset.item_ids[i] for i in h],
+                                                                      "k": 5}) for h in hs))
+
+    answers = asyncio.run(go())
+    assert sum(calls) == len(hs) and len(calls) < len(hs)
+    monkeypatch.undo()
+    for h, answer in zip(hs, answers):
+        ids, scores = reference(run.model, [h], 5, True)[0]
+        assert [r["item"] for r in answer.json()["items"]] == [run.dataset.item_ids[i] for i in ids]
+        assert [r["score"] for r in answer.json()["items"]] == pytest.approx(scores, abs=1e-4)
+
+
 @pytest.mark.parametrize("body, fragment", [
     ({"history": ["1", "nope", "99999"]}, "unknown item ids: 'nope', '99999'"),
     ({"history": ["\ud800"]}, "unknown item ids: '\\ud800'"),  # a lone surrogate must not break the reply
@@ -238,7 +262,7 @@ near_valid = st.fixed_dictionaries(
     optional={"k": st.integers(-3, N_ITEMS + 3) | json_values, "exclude_seen": json_values, "x": json_values})
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None)
 @given(body=json_values | near_valid | st.fixed_dictionaries({"requests": st.lists(near_valid | json_values,
                                                                                      max_size=4)}))
 def test_fuzz_json_never_5xx(client, body):
@@ -247,7 +271,7 @@ def test_fuzz_json_never_5xx(client, body):
         assert r.status_code < 500 and r.status_code in (200, 422), r.text
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None)
 @given(raw=st.binary(max_size=200))
 def test_fuzz_bytes_never_5xx(client, raw):
     for path in ("/recommend", "/recommend/batch"):
@@ -282,7 +306,26 @@ def test_export_refusals(run, bundle, tmp_path, capsys):
         load_bundle(tmp_path)
 
 
-def test_llm_bundle_round_trip(run, tmp_path):
+def fake_distilled_run(monkeypatch, run, cfg, llm=None):
+    """load_run of a "llmd4rec" run gives its CRM; its LLM comes from load_distilled(..., which="llm")."""
+    import llmd4rec.distill.loop
+
+    monkeypatch.setattr(llmd4rec.pretrained, "load_run", lambda *a, **kw: llmd4rec.pretrained.LoadedRun(
+        run.run_dir, "llmd4rec", cfg, run.dataset, run.split, run.model))
+    monkeypatch.setattr(llmd4rec.distill.loop, "load_distilled",
+                        lambda *a, which="crm", **kw: llm if which == "llm" else run.model)
+
+
+def test_distillation_run_exports_its_crm(run, tmp_path, monkeypatch):
+    """A "llmd4rec" run holds both students; --model picks one, crm by default (what load_run returns)."""
+    fake_distilled_run(monkeypatch, run, run.cfg)
+    out = export_bundle(run.run_dir, tmp_path / "distilled")
+    assert json.loads((out / "bundle.json").read_text())["kind"] == "crm"
+    with pytest.raises(InputError, match="--model must be crm or llm"):
+        export_bundle(run.run_dir, tmp_path / "other", "teacher")
+
+
+def test_llm_bundle_round_trip(run, tmp_path, monkeypatch):
     """An E4SRec on a tiny random Qwen2 saved as a local model folder: the bundle scores exactly like the model."""
     pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
@@ -317,6 +360,12 @@ def test_llm_bundle_round_trip(run, tmp_path):
     r = post(client, "/recommend", {"history": [run.dataset.item_ids[i] for i in h], "k": 5})
     assert r.status_code == 200 and client.get("/info").json()["kind"] == "llm"
     assert_same(r.json(), reference(model, [h], 5, True)[0], run)
+
+    fake_distilled_run(monkeypatch, run, cfg, llm=model)
+    distilled = export_bundle(run.run_dir, tmp_path / "distilled-llm", "llm")
+    assert json.loads((distilled / "bundle.json").read_text())["kind"] == "llm"
+    r2 = post(TestClient(create_app(distilled)), "/recommend", {"history": [run.dataset.item_ids[i] for i in h], "k": 5})
+    assert r2.json() == r.json()
 
 
 def free_port() -> int:

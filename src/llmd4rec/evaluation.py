@@ -12,6 +12,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
+from . import distributed
 from .data.dataset import pad_left
 
 
@@ -62,6 +63,10 @@ def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int]
 
     A constant scorer therefore gets no credit, and a NaN target score ranks last. A history item that is
     also the target (a repeat) stays rankable; the rest of the history is excluded when exclude_seen.
+
+    Under torch.distributed the user batches are dealt out to the ranks whole (batch b to rank b mod world) and the
+    ranks summed back, so every rank returns the ranks one process would: each batch is scored with exactly the
+    same rows, hence the same floating-point values.
     """
     if max_len is None:
         max_len = getattr(model, "max_len", None)
@@ -69,8 +74,9 @@ def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int]
     ub, ic = _plan(n_items, memory_mb, n)
     ub = users_per_batch or ub
     ic = items_per_chunk or ic
-    ranks = np.empty(n, dtype=np.int64)
-    for start in range(0, n, ub):
+    ranks = np.zeros(n, dtype=np.int64)
+    world, me = distributed.world_size(), distributed.rank()
+    for start in range(me * ub, n, world * ub):
         hist = inputs[start:start + ub]
         tgt = torch.as_tensor(list(targets[start:start + ub]), dtype=torch.long)
         state = model.encode(pad_left(hist, max_len).to(device))
@@ -97,6 +103,8 @@ def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int]
             taken = torch.gather(s, 1, torch.where(inside, skip - lo, 0)) >= tscore[:, None]
             count -= torch.count_nonzero(taken & inside, dim=1)
         ranks[start:start + len(hist)] = count.cpu().numpy()
+    if world > 1:
+        ranks = distributed.all_sum(torch.from_numpy(ranks)).numpy()
     return ranks
 
 

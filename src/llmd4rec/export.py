@@ -30,28 +30,27 @@ from .io import atomic_write_json, save_tensors
 
 BUNDLE_FORMAT = 1
 KINDS = ("crm", "llm")
-_RUN_MODEL = {"sasrec": "crm", "e4srec": "llm"}  # run kind -> the one model such a run holds
-
-
-def _pick(run_kind: str, model: Any, which: str | None) -> tuple[str, Any]:
-    """The (kind, model) to export: a single-model run has one; a distillation run holds `.crm` and `.llm`."""
-    if run_kind in _RUN_MODEL:
-        kind = _RUN_MODEL[run_kind]
-        if which not in (None, kind):
-            raise InputError(f"a '{run_kind}' run has no {which} model; it exports as --model {kind}")
-        return kind, model
-    which = which or "crm"
-    if which not in KINDS:
-        raise InputError(f"--model must be crm or llm, got '{which}'")
-    return which, getattr(model, which)
+_RUN_MODEL = {"sasrec": "crm", "e4srec": "llm"}  # run kind -> the one model such a run holds; "llmd4rec" has both
 
 
 def export_bundle(run_dir: Path, out_dir: Path, model: str | None = None) -> Path:
-    """`llmd4rec export`: the run's best model (for a distillation run, its CRM or its LLM) as a bundle."""
+    """`llmd4rec export`: the run's model as a bundle; a distillation run exports its CRM (default) or its LLM."""
     from .pretrained import load_run
 
-    run = load_run(run_dir, device="cpu")
-    kind, net = _pick(run.kind, run.model, model)
+    run = load_run(run_dir, device="cpu")  # a distillation run loads its final CRM here
+    if run.kind in _RUN_MODEL:
+        kind = _RUN_MODEL[run.kind]
+        if model not in (None, kind):
+            raise InputError(f"a '{run.kind}' run has no {model} model; it exports as --model {kind}")
+        return write_bundle(out_dir, kind, run.model, run.cfg, run.dataset)
+    kind = model or "crm"
+    if kind not in KINDS:
+        raise InputError(f"--model must be crm or llm, got '{kind}'")
+    net = run.model
+    if kind == "llm":
+        from .distill.loop import load_distilled
+
+        net = load_distilled(run.run_dir, run.dataset.n_items, run.cfg, device="cpu", which="llm")
     return write_bundle(out_dir, kind, net, run.cfg, run.dataset)
 
 
@@ -77,8 +76,8 @@ def write_bundle(out_dir: Path, kind: str, model: Any, cfg: Config, dataset: Dat
         save_tensors(tmp / "popularity.safetensors", {"counts": counts})
         save_config(cfg, tmp / "config.yaml")
         titles = dataset.titles or []
-        items = [{"id": i, "item": dataset.item_ids[i], **({"title": titles[i]} if i < len(titles) and titles[i] else {})}
-                 for i in range(1, dataset.n_items + 1)]
+        items = [{"id": i, "item": dataset.item_ids[i],
+                  **({"title": titles[i]} if i < len(titles) and titles[i] else {})} for i in range(1, dataset.n_items + 1)]
         atomic_write_json(tmp / "items.json", items)
         info: dict[str, Any] = {"format": BUNDLE_FORMAT, "kind": kind, "dataset": dataset.name,
                                 "n_items": dataset.n_items, "max_len": model.max_len, "version": __version__}

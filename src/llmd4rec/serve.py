@@ -1,13 +1,14 @@
 """Top-K recommendations from a bundle (see export.py), over HTTP or from the shell.
 
-Every answer is exactly the trained model's ranking: `score_all` of the left-padded history, padding column 0
-and (by default) the history's items masked, then `torch.topk`. Client mistakes are 4xx with a one-line
+Every answer is the trained model's ranking: `score_all` of the left-padded history, padding column 0 and (by
+default) the history's items masked, then `torch.topk`. Client mistakes are 4xx with a one-line
 `detail`, never 500: malformed JSON 400, a body over the size limit 413, anything else about the request 422.
 
 No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations (Request, imported
 inside create_app so that the shell command needs no web stack) as live objects.
 """
 
+import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,9 +141,9 @@ class Recommender:
 
     def recommend(self, queries: list[Query]) -> list[dict[str, Any]]:
         """One model pass for all non-empty histories; empty ones (fallback mode) get the popularity ranking."""
-        scores = self.bundle.popularity.repeat(len(queries), 1)
         rows = [r for r, q in enumerate(queries) if q.history]
         with torch.inference_mode():
+            scores = self.bundle.popularity.repeat(len(queries), 1)
             if rows:
                 x = pad_left([queries[r].history for r in rows], self.model.max_len)
                 scores[rows] = self.model.score_all(x).float()
@@ -151,10 +152,10 @@ class Recommender:
             for r, q in enumerate(queries):
                 if q.exclude_seen and q.history:
                     scores[r, q.history] = float("-inf")
-                top = torch.topk(scores[r], q.k)
-                keep = torch.isfinite(top.values)  # fewer unseen items than k: never rank a masked one
+                values, indices = torch.topk(scores[r], q.k)
                 out.append({"items": [{"item": self.bundle.ids[i], "title": self.bundle.titles[i], "score": s}
-                                      for i, s in zip(top.indices[keep].tolist(), top.values[keep].tolist())],
+                                      for i, s in zip(indices.tolist(), values.tolist())
+                                      if s != float("-inf")],  # fewer unseen items than k: never list a masked one
                             "source": "model" if q.history else "popular"})
         return out
 
@@ -167,6 +168,41 @@ class Recommender:
         return out
 
 
+class MicroBatcher:
+    """Single requests that arrive while the model is busy are scored together in its next pass.
+
+    Scoring runs on the event loop, so during a pass new requests wait in their sockets; the next loop iteration
+    parses all of them, and the flush scheduled by the first one runs after the others have joined. A lone
+    request is scored at once, alone. A batch of 8 Beauty SASRec requests costs about 2.5 ms against 1.1 ms for
+    one. A row's scores may differ from scoring it alone in the last float bits (kernels block by batch size).
+    """
+
+    def __init__(self, rec: Recommender):
+        self.rec = rec
+        self.pending: list[tuple[Query, asyncio.Future]] = []
+
+    async def recommend(self, query: Query) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        if not self.pending:
+            loop.call_soon(self._flush)
+        future = loop.create_future()
+        self.pending.append((query, future))
+        return await future
+
+    def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        try:
+            results = self.rec.recommend([q for q, _ in batch])
+        except Exception as e:  # a server fault: every waiting request gets it (a 500), none hangs
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+            return
+        for (_, future), result in zip(batch, results):
+            if not future.done():  # its request was cancelled meanwhile
+                future.set_result(result)
+
+
 def create_app(bundle_path: str | Path, *, max_body_bytes: int = MAX_BODY_BYTES, empty_history: str = "error",
                max_batch: int = MAX_BATCH):
     """The FastAPI app for one bundle. Bodies are read and checked here (size, JSON, fields) so that no client
@@ -175,6 +211,7 @@ def create_app(bundle_path: str | Path, *, max_body_bytes: int = MAX_BODY_BYTES,
     from fastapi.responses import JSONResponse, Response
 
     rec = Recommender(load_bundle(bundle_path), empty_history)
+    batcher = MicroBatcher(rec)
     app = FastAPI(title="llmd4rec", version=__version__)
     app.state.recommender = rec
 
@@ -210,7 +247,7 @@ def create_app(bundle_path: str | Path, *, max_body_bytes: int = MAX_BODY_BYTES,
 
     @app.post("/recommend")
     async def recommend(request: Request) -> Response:
-        return reply(rec.recommend([rec.query(await body_json(request))])[0])
+        return reply(await batcher.recommend(rec.query(await body_json(request))))
 
     @app.post("/recommend/batch")
     async def recommend_batch(request: Request) -> Response:
@@ -226,7 +263,7 @@ def create_app(bundle_path: str | Path, *, max_body_bytes: int = MAX_BODY_BYTES,
 
 
 def serve(bundle: Path, host: str = "127.0.0.1", port: int = 8000, empty_history: str = "error") -> None:
-    """`llmd4rec serve`: one process; requests are scored one after another on the event loop.
+    """`llmd4rec serve`: one process; the model runs on the event loop, requests micro-batched (MicroBatcher).
 
     A SASRec request is ~1 ms of small matrix work: a second intra-op thread only adds wake-ups (on a busy 2-core
     machine a Beauty SASRec pass took ~1 ms with one thread and 120+ ms with two), so a CRM bundle gets one torch

@@ -281,6 +281,10 @@ class E4SRec(nn.Module):
             state = self.encode(histories[rows].gather(1, src.clamp(min=0)).masked_fill(src < 0, 0))
         return self.score_items(state, 0, self.n_items + 1)
 
+    def forward(self, histories: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """`prefix_logits` as the module call, so wrappers that hook calls (DistributedDataParallel) see training."""
+        return self.prefix_logits(histories, rows, cols)
+
     # ---- weights ----
 
     def set_item_embeddings(self, item_embeddings: torch.Tensor) -> None:

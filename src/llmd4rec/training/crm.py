@@ -8,14 +8,16 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
+from .. import distributed
 from ..config import Config, TrainConfig
 from ..data.dataset import Split, all_positions
 from ..evaluation import evaluate_split
 from ..models.sasrec import SASRec
 from ..pretrained import load_data
-from ..runs import log_metrics, make_run_dir, pick_device, seed_everything, truncate_metrics, write_results, format_table
+from ..runs import format_table, log_metrics, make_run_dir, seed_everything, truncate_metrics, write_results
 from .checkpoint import has_checkpoint, load_checkpoint, load_weights, save_checkpoint
 
 KDHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -30,28 +32,81 @@ def trim_padding(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.
     return x[:, start:], y[:, start:]
 
 
-def rec_loss(model: SASRec, h: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig,
-             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Recommendation loss over valid positions; returns the full logits too when the loss computed them."""
+class ChunkedLogSumExp(torch.autograd.Function):
+    """logsumexp over items 1..N of h @ w.T [P, N+1] (column 0, padding, left out), streamed over item chunks.
+
+    Backward recomputes each chunk's scores instead of keeping them, so memory is P x chunk floats whatever the
+    catalogue size, at the price of one more h @ w_chunk.T per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, chunk: int) -> torch.Tensor:
+        lse = h.new_full((h.shape[0],), float("-inf"))
+        for lo in range(1, w.shape[0], chunk):
+            lse = torch.logaddexp(lse, (h @ w[lo:lo + chunk].T).logsumexp(1))
+        ctx.save_for_backward(h, w, lse)
+        ctx.chunk = chunk
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, w, lse = ctx.saved_tensors
+        grad_h, grad_w = torch.zeros_like(h), torch.zeros_like(w)
+        for lo in range(1, w.shape[0], ctx.chunk):
+            wc = w[lo:lo + ctx.chunk]
+            p = (h @ wc.T).sub_(lse[:, None]).exp_().mul_(grad[:, None])  # softmax x upstream gradient
+            grad_h.addmm_(p, wc)
+            grad_w[lo:lo + ctx.chunk] = p.T @ h
+        return grad_h, grad_w, None
+
+
+def rec_loss(model: SASRec, h: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig, gen: torch.Generator,
+             shard: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Recommendation loss over valid positions; returns the full logits too when the loss computed them.
+
+    shard=(offset, total): h holds positions offset..offset+len(h) of a batch of `total` positions split over
+    processes. The loss is then this part's sum / total (the parts add up to the batch mean; an empty part gives 0)
+    and the random negatives are drawn for the whole batch, so each process consumes `gen` like one process would.
+    """
     w = model.output_weight
+    reduction, total = ("sum", shard[1]) if shard else ("mean", 1)
     if cfg.loss == "ce":
         logits = h @ w.T
         logits[:, 0] = float("-inf")
-        return F.cross_entropy(logits, targets), logits
+        return F.cross_entropy(logits, targets, reduction=reduction) / total, logits
+    if cfg.loss == "ce_chunked":
+        if cfg.item_chunk < 1:
+            raise ValueError(f"crm_train.item_chunk must be at least 1, got {cfg.item_chunk}")
+        per_position = ChunkedLogSumExp.apply(h, w, cfg.item_chunk) - (h * w[targets]).sum(-1)
+        return (per_position.sum() / total if shard else per_position.mean()), None
     if cfg.loss == "sampled_ce":
         negs = torch.randint(1, model.n_items + 1, (cfg.n_negatives,), generator=gen).to(h.device)
         pos = (h * w[targets]).sum(-1, keepdim=True)
         neg = h @ w[negs].T
         neg = neg.masked_fill(negs[None, :] == targets[:, None], float("-inf"))
         logits = torch.cat([pos, neg], dim=1)
-        return F.cross_entropy(logits, torch.zeros_like(targets)), None
+        return F.cross_entropy(logits, torch.zeros_like(targets), reduction=reduction) / total, None
     if cfg.loss == "bce":
-        negs = torch.randint(1, model.n_items + 1, targets.shape, generator=gen).to(h.device)
+        negs = torch.randint(1, model.n_items + 1, (total if shard else len(targets),), generator=gen).to(h.device)
+        if shard:
+            negs = negs[shard[0]:shard[0] + len(targets)]
         pos = (h * w[targets]).sum(-1)
         neg = (h * w[negs]).sum(-1)
         return F.binary_cross_entropy_with_logits(torch.cat([pos, neg]),
-                                                  torch.cat([torch.ones_like(pos), torch.zeros_like(neg)])), None
-    raise ValueError(f"unknown crm_train.loss '{cfg.loss}' (ce, sampled_ce or bce)")
+                                                  torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]),
+                                                  reduction=reduction) / (2 * total if shard else 1), None
+    raise ValueError(f"unknown crm_train.loss '{cfg.loss}' (ce, ce_chunked, sampled_ce or bce)")
+
+
+class _Hidden(nn.Module):
+    """SASRec.hidden as a module call, so DistributedDataParallel's forward hooks run."""
+
+    def __init__(self, model: SASRec):
+        super().__init__()
+        self.model = model
+
+    def forward(self, histories: torch.Tensor) -> torch.Tensor:
+        return self.model.hidden(histories)
 
 
 def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str = "crm",
@@ -60,10 +115,15 @@ def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str 
     """Train with early stopping on validation NDCG@10; leaves the best weights in `model`; returns its metrics.
 
     keep_start: the starting weights compete too (a distillation phase never ends worse than it began).
+
+    Under torch.distributed every rank draws the same batches and takes its own block of each (`distributed.shard`),
+    DistributedDataParallel averages the gradients, and the loss is scaled so that the average is the gradient of
+    the whole batch's mean loss: the same step as one process, up to float rounding. Only rank 0 writes.
     """
     tc = train_cfg or cfg.crm_train
     device = next(model.parameters()).device
     folder = run_dir / phase
+    world, main = distributed.world_size(), distributed.is_main()
     inputs, targets = all_positions(split.train, model.max_len)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     gen = torch.Generator().manual_seed(tc.seed)
@@ -72,45 +132,68 @@ def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str 
         weights, state = load_checkpoint(folder, "last", opt, {"train": gen})
         model.load_state_dict(weights)
         start, best, bad, best_epoch = state["epoch"] + 1, state["best"], state["bad"], state["best_epoch"]
-        truncate_metrics(run_dir, phase, state["epoch"])
+        if main:
+            truncate_metrics(run_dir, phase, state["epoch"])
         if state.get("stopped"):
             start = tc.epochs + 1
     elif keep_start:
         model.eval()
         valid_m = evaluate_split(model, split, cfg.eval, "valid", device)
         best = valid_m["NDCG@10"]
-        save_checkpoint(folder, "best", model.state_dict(), state={"epoch": 0, "valid": valid_m})
-        log_metrics(run_dir, {"phase": phase, "epoch": 0, "valid": valid_m})
+        if main:
+            save_checkpoint(folder, "best", model.state_dict(), state={"epoch": 0, "valid": valid_m})
+            log_metrics(run_dir, {"phase": phase, "epoch": 0, "valid": valid_m})
+    hidden = model.hidden
+    if world > 1:
+        distributed.offset_rng()
+        hidden = distributed.ddp(_Hidden(model))
     for epoch in range(start, tc.epochs + 1):
         model.train()
         t0 = time.perf_counter()
         perm = torch.randperm(len(inputs), generator=gen)
         total, n_pos = 0.0, 0
-        bar = tqdm(range(0, len(perm), tc.batch_size), desc=f"{phase} epoch {epoch}", leave=False, mininterval=2, disable=None)
+        bar = tqdm(range(0, len(perm), tc.batch_size), desc=f"{phase} epoch {epoch}", leave=False, mininterval=2,
+                   disable=None if main else True)
         for s in bar:
             rows = perm[s:s + tc.batch_size]
+            shard = None
+            if world > 1:
+                counts = (targets[rows] > 0).sum(1)
+                lo, hi = distributed.shard(counts)
+                shard = (int(counts[:lo].sum()), int(counts.sum()))
+                rows = rows[lo:hi]
             x, y = trim_padding(inputs[rows], targets[rows])
             x, y = x.to(device), y.to(device)
             valid = y > 0
-            h = model.hidden(x)[valid]
-            loss, logits = rec_loss(model, h, y[valid], tc, gen)
-            if kd is not None:
+            n_valid = int(valid.sum())
+            h = hidden(x)[valid]
+            loss, logits = rec_loss(model, h, y[valid], tc, gen, shard)
+            if kd is not None and n_valid:
                 if logits is None:
                     logits = h @ model.output_weight.T
                     logits[:, 0] = float("-inf")
                 r, c = (targets[rows] > 0).nonzero(as_tuple=True)  # same row-major order as `valid`
-                loss = loss + kd(rows[r], c, logits, y[valid])
+                kd_loss = kd(rows[r], c, logits, y[valid])  # a mean over this rank's positions
+                loss = loss + (kd_loss * (n_valid / shard[1]) if shard else kd_loss)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss in phase '{phase}', epoch {epoch}, step {s // tc.batch_size}; "
                                          f"the last good checkpoint is kept in {folder}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if shard:  # DDP averages gradients over ranks, while each rank's part of the batch mean counts in full
+                scaled = loss * world
+                if n_valid == 0:
+                    scaled = scaled + distributed.touch(model.parameters())
+                scaled.backward()
+            else:
+                loss.backward()
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             opt.step()
-            total += loss.item() * int(valid.sum())
-            n_pos += int(valid.sum())
+            total += loss.item() * (shard[1] if shard else n_valid)
+            n_pos += n_valid
             bar.set_postfix(loss=f"{loss.item():.4f}", items_s=f"{n_pos / (time.perf_counter() - t0):.0f}")
+        if world > 1:
+            total, n_pos = distributed.all_sum(torch.tensor([total, n_pos], dtype=torch.float64)).tolist()
         seconds = time.perf_counter() - t0
         record = {"phase": phase, "epoch": epoch, "loss": total / max(n_pos, 1), "epoch_seconds": seconds}
         if epoch % tc.eval_every == 0 or epoch == tc.epochs:
@@ -119,18 +202,21 @@ def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str 
             record["valid"] = valid_m
             if valid_m["NDCG@10"] > best:
                 best, bad, best_epoch = valid_m["NDCG@10"], 0, epoch
-                save_checkpoint(folder, "best", model.state_dict(), state={"epoch": epoch, "valid": valid_m})
+                if main:
+                    save_checkpoint(folder, "best", model.state_dict(), state={"epoch": epoch, "valid": valid_m})
             else:
                 bad += 1
         stop = bad >= tc.patience
-        log_metrics(run_dir, record)
-        save_checkpoint(folder, "last", model.state_dict(), opt,
-                        {"epoch": epoch, "best": best, "bad": bad, "best_epoch": best_epoch, "stopped": stop},
-                        {"train": gen})
-        print(f"{phase} epoch {epoch}: loss {record['loss']:.4f}, {seconds:.1f}s"
-              + (f", valid NDCG@10 {record['valid']['NDCG@10']:.4f}" if "valid" in record else ""), flush=True)
+        if main:
+            log_metrics(run_dir, record)
+            save_checkpoint(folder, "last", model.state_dict(), opt,
+                            {"epoch": epoch, "best": best, "bad": bad, "best_epoch": best_epoch, "stopped": stop},
+                            {"train": gen})
+            print(f"{phase} epoch {epoch}: loss {record['loss']:.4f}, {seconds:.1f}s"
+                  + (f", valid NDCG@10 {record['valid']['NDCG@10']:.4f}" if "valid" in record else ""), flush=True)
         if stop:
             break
+    distributed.barrier()  # rank 0's last checkpoint is on disk before anyone reads it
     model.load_state_dict(load_weights(folder, "best"))
     model.eval()
     return {"valid": evaluate_split(model, split, cfg.eval, "valid", device),
@@ -139,17 +225,20 @@ def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str 
 
 def run(cfg: Config, resume: str | None = None) -> Path:
     """`llmd4rec train-crm`: data -> split -> SASRec -> early-stopped training -> test metrics of the best epoch."""
-    run_dir = make_run_dir(cfg, "sasrec", resume)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    dataset, split = load_data(cfg)
-    model = SASRec(dataset.n_items, cfg.crm).to(device)
-    t0 = time.perf_counter()
-    metrics = fit_crm(model, split, cfg, run_dir, resume=resume is not None)
-    results = {"model": "SASRec", "dataset": dataset.name, "exclude_seen": cfg.eval.exclude_seen,
-               "eval_mode": cfg.eval.mode, "train_seconds": time.perf_counter() - t0, **metrics}
-    write_results(run_dir, results, format_table({"SASRec": metrics["test"]}, _table_keys(cfg)))
-    print(format_table({"SASRec": metrics["test"]}, _table_keys(cfg)), flush=True)
+    with distributed.session(cfg.device) as device:
+        run_dir = distributed.on_main(lambda: make_run_dir(cfg, "sasrec", resume))
+        seed_everything(cfg.seed)
+        with distributed.main_first():  # one download, the others read the files
+            dataset, split = load_data(cfg)
+        model = SASRec(dataset.n_items, cfg.crm).to(device)
+        t0 = time.perf_counter()
+        metrics = fit_crm(model, split, cfg, run_dir, resume=resume is not None)
+        if distributed.is_main():
+            results = {"model": "SASRec", "dataset": dataset.name, "exclude_seen": cfg.eval.exclude_seen,
+                       "eval_mode": cfg.eval.mode, "train_seconds": time.perf_counter() - t0, **metrics}
+            write_results(run_dir, results, format_table({"SASRec": metrics["test"]}, _table_keys(cfg)))
+            print(format_table({"SASRec": metrics["test"]}, _table_keys(cfg)), flush=True)
+        distributed.barrier()
     return run_dir
 
 

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..config import Config, TrainConfig
 from ..data.dataset import Split, all_positions
 from ..evaluation import evaluate_split
 from ..io import load_tensors
 from ..pretrained import load_crm, load_data
-from ..runs import format_table, log_metrics, make_run_dir, pick_device, seed_everything, truncate_metrics, write_results
+from ..runs import format_table, log_metrics, make_run_dir, seed_everything, truncate_metrics, write_results
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 
 KDHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -74,10 +76,15 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
     """AdamW + cosine warmup, early stopping on validation NDCG@10; checkpoints every `save_every` steps too.
 
     keep_start: the starting weights compete too (a distillation phase never ends worse than it began).
+
+    Under torch.distributed every rank forms the same batches of users and takes its own block of users from each
+    (`distributed.shard`, balanced by samples); DistributedDataParallel averages the gradients and the loss is scaled
+    so that the average is the gradient of the whole batch's mean loss. Only rank 0 writes.
     """
     tc = train_cfg or cfg.llm_train
     device = model.w_out.weight.device
     folder = run_dir / phase
+    world, main = distributed.world_size(), distributed.is_main()
     inputs, targets = sample_grid(split.train, model.max_len, tc.max_targets_per_user)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -90,15 +97,21 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
         model.load_trainable_state_dict(weights)
         epoch, step, best, bad, best_epoch = st["epoch"], st["step"], st["best"], st["bad"], st["best_epoch"]
         sched.load_state_dict({**sched.state_dict(), "last_epoch": st["sched"], "_step_count": st["sched"] + 1})
-        truncate_metrics(run_dir, phase, epoch - 1)
+        if main:
+            truncate_metrics(run_dir, phase, epoch - 1)
         if st.get("stopped"):
             epoch = tc.epochs + 1
     elif keep_start:
         model.eval()
         valid_m = evaluate_split(model, split, cfg.eval, "valid", device)
         best = valid_m["NDCG@10"]
-        save_checkpoint(folder, "best", model.trainable_state_dict(), state={"epoch": 0, "valid": valid_m})
-        log_metrics(run_dir, {"phase": phase, "epoch": 0, "valid": valid_m})
+        if main:
+            save_checkpoint(folder, "best", model.trainable_state_dict(), state={"epoch": 0, "valid": valid_m})
+            log_metrics(run_dir, {"phase": phase, "epoch": 0, "valid": valid_m})
+    forward = model.prefix_logits
+    if world > 1:
+        distributed.offset_rng()
+        forward = distributed.ddp(model)
     while epoch <= tc.epochs:
         epoch_gen_state = gen.get_state()
         batches = user_batches(targets, torch.randperm(len(targets), generator=gen), tc.batch_size)
@@ -106,35 +119,56 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
         t0, total, seen = time.perf_counter(), 0.0, 0
         for b in range(step, len(batches)):
             users = batches[b]
+            stepping = (b + 1) % tc.grad_accum == 0 or b + 1 == len(batches)
+            n_batch = 0
+            if world > 1:
+                counts = (targets[users] > 0).sum(1)
+                lo, hi = distributed.shard(counts)
+                users, n_batch = users[lo:hi], int(counts.sum())
             x, y = inputs[users].to(device), targets[users].to(device)
             rows, cols = (y > 0).nonzero(as_tuple=True)
-            logits = model.prefix_logits(x, rows, cols)
-            logits[:, 0] = float("-inf")
-            tgt = y[rows, cols]
-            loss = F.cross_entropy(logits, tgt)
-            if kd is not None:
-                loss = loss + kd(users[rows.cpu()], cols.cpu(), logits, tgt)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss in phase '{phase}', epoch {epoch}, step {b}; "
-                                         f"the last good checkpoint is kept in {folder}")
-            (loss / tc.grad_accum).backward()
-            if (b + 1) % tc.grad_accum == 0 or b + 1 == len(batches):
+            # between optimizer steps DDP need not all-reduce: the last micro-batch reduces the accumulated sum
+            with forward.no_sync() if world > 1 and not stepping else nullcontext():
+                logits = forward(x, rows, cols)
+                logits[:, 0] = float("-inf")
+                tgt = y[rows, cols]
+                if world > 1:  # this rank's part of the batch mean, counted in full since DDP averages over ranks
+                    loss = F.cross_entropy(logits, tgt, reduction="sum") / n_batch
+                    if kd is not None and len(tgt):
+                        loss = loss + kd(users[rows.cpu()], cols.cpu(), logits, tgt) * (len(tgt) / n_batch)
+                    scaled = loss * world
+                    if len(tgt) == 0:
+                        scaled = scaled + distributed.touch(params)
+                else:
+                    loss = F.cross_entropy(logits, tgt)
+                    if kd is not None:
+                        loss = loss + kd(users[rows.cpu()], cols.cpu(), logits, tgt)
+                    scaled = loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss in phase '{phase}', epoch {epoch}, step {b}; "
+                                             f"the last good checkpoint is kept in {folder}")
+                (scaled / tc.grad_accum).backward()
+            if stepping:
                 if tc.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-            total += loss.item() * len(tgt)
+            total += loss.item() * (n_batch if world > 1 else len(tgt))
             seen += len(tgt)
             if save_every and (b + 1) % save_every == 0 and (b + 1) % tc.grad_accum == 0 and b + 1 < len(batches):
                 gen_now = gen.get_state()
                 gen.set_state(epoch_gen_state)  # resuming replays this epoch's order, then skips done batches
-                save_checkpoint(folder, "last", model.trainable_state_dict(), opt,
-                                {"epoch": epoch, "step": b + 1, "best": best, "bad": bad, "best_epoch": best_epoch,
-                                 "sched": sched.last_epoch}, {"train": gen})
+                if main:
+                    save_checkpoint(folder, "last", model.trainable_state_dict(), opt,
+                                    {"epoch": epoch, "step": b + 1, "best": best, "bad": bad, "best_epoch": best_epoch,
+                                     "sched": sched.last_epoch}, {"train": gen})
+                    print(f"{phase} epoch {epoch} step {b + 1}/{len(batches)}: loss {total / max(seen, 1):.4f}, "
+                          f"{seen / (time.perf_counter() - t0):.1f} samples/s", flush=True)
                 gen.set_state(gen_now)
-                print(f"{phase} epoch {epoch} step {b + 1}/{len(batches)}: loss {total / max(seen, 1):.4f}, "
-                      f"{seen / (time.perf_counter() - t0):.1f} samples/s", flush=True)
+        if world > 1:
+            total, seen = distributed.all_sum(torch.tensor([total, seen], dtype=torch.float64)).tolist()
+            seen = int(seen)
         record = {"phase": phase, "epoch": epoch, "loss": total / max(seen, 1),
                   "epoch_seconds": time.perf_counter() - t0, "samples": seen}
         model.eval()
@@ -142,19 +176,22 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
         record["valid"] = valid_m
         if valid_m["NDCG@10"] > best:
             best, bad, best_epoch = valid_m["NDCG@10"], 0, epoch
-            save_checkpoint(folder, "best", model.trainable_state_dict(), state={"epoch": epoch, "valid": valid_m})
+            if main:
+                save_checkpoint(folder, "best", model.trainable_state_dict(), state={"epoch": epoch, "valid": valid_m})
         else:
             bad += 1
         stop = bad >= tc.patience
-        log_metrics(run_dir, record)
-        save_checkpoint(folder, "last", model.trainable_state_dict(), opt,
-                        {"epoch": epoch + 1, "step": 0, "best": best, "bad": bad, "best_epoch": best_epoch,
-                         "sched": sched.last_epoch, "stopped": stop}, {"train": gen})
-        print(f"{phase} epoch {epoch}: loss {record['loss']:.4f}, {record['epoch_seconds']:.0f}s, "
-              f"valid NDCG@10 {valid_m['NDCG@10']:.4f}", flush=True)
+        if main:
+            log_metrics(run_dir, record)
+            save_checkpoint(folder, "last", model.trainable_state_dict(), opt,
+                            {"epoch": epoch + 1, "step": 0, "best": best, "bad": bad, "best_epoch": best_epoch,
+                             "sched": sched.last_epoch, "stopped": stop}, {"train": gen})
+            print(f"{phase} epoch {epoch}: loss {record['loss']:.4f}, {record['epoch_seconds']:.0f}s, "
+                  f"valid NDCG@10 {valid_m['NDCG@10']:.4f}", flush=True)
         epoch, step = epoch + 1, 0
         if stop:
             break
+    distributed.barrier()  # rank 0's last checkpoint is on disk before anyone reads it
     model.load_trainable_state_dict(load_tensors(folder / "best.safetensors"))
     model.eval()
     return {"valid": evaluate_split(model, split, cfg.eval, "valid", device),
@@ -180,23 +217,27 @@ def run(cfg: Config, resume: str | None = None) -> Path:
     """`llmd4rec train-llm`: SASRec item table -> E4SRec -> early-stopped LoRA training -> test metrics."""
     from ..io import save_tensors
 
-    run_dir = make_run_dir(cfg, "e4srec", resume)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    dataset, split = load_data(cfg)
-    table_path = run_dir / "llm" / "item_table.safetensors"
-    if resume and table_path.exists():
-        table = load_tensors(table_path)["item_table"]
-    else:
-        table = crm_item_table(cfg, dataset.n_items)
-        save_tensors(table_path, {"item_table": table})
-    model = build_llm(cfg, table, device)
-    t0 = time.perf_counter()
-    metrics = fit_llm(model, split, cfg, run_dir, resume=resume is not None)
-    keys = [f"{m}@{k}" for m in ("HR", "NDCG") for k in cfg.eval.ks]
-    results = {"model": "E4SRec", "dataset": dataset.name, "backbone": cfg.llm.backbone,
-               "keep_layers": cfg.llm.keep_layers, "exclude_seen": cfg.eval.exclude_seen,
-               "eval_mode": cfg.eval.mode, "train_seconds": time.perf_counter() - t0, **metrics}
-    write_results(run_dir, results, format_table({"E4SRec": metrics["test"]}, keys))
-    print(format_table({"E4SRec": metrics["test"]}, keys), flush=True)
+    with distributed.session(cfg.device) as device:
+        run_dir = distributed.on_main(lambda: make_run_dir(cfg, "e4srec", resume))
+        seed_everything(cfg.seed)
+        table_path = run_dir / "llm" / "item_table.safetensors"
+        with distributed.main_first():  # downloads and the item table: rank 0 first, the others find its files
+            dataset, split = load_data(cfg)
+            if resume and table_path.exists():
+                table = load_tensors(table_path)["item_table"]
+            else:
+                table = crm_item_table(cfg, dataset.n_items)
+                if distributed.is_main():
+                    save_tensors(table_path, {"item_table": table})
+            model = build_llm(cfg, table, device)
+        t0 = time.perf_counter()
+        metrics = fit_llm(model, split, cfg, run_dir, resume=resume is not None)
+        if distributed.is_main():
+            keys = [f"{m}@{k}" for m in ("HR", "NDCG") for k in cfg.eval.ks]
+            results = {"model": "E4SRec", "dataset": dataset.name, "backbone": cfg.llm.backbone,
+                       "keep_layers": cfg.llm.keep_layers, "exclude_seen": cfg.eval.exclude_seen,
+                       "eval_mode": cfg.eval.mode, "train_seconds": time.perf_counter() - t0, **metrics}
+            write_results(run_dir, results, format_table({"E4SRec": metrics["test"]}, keys))
+            print(format_table({"E4SRec": metrics["test"]}, keys), flush=True)
+        distributed.barrier()
     return run_dir

@@ -1,0 +1,105 @@
+"""Rewrite the README's result tables from benchmarks/results/*.json, so no number in it is typed by hand.
+
+Each table sits between `<!-- table:NAME -->` and `<!-- /table -->`; a missing result file leaves a note.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _f(x, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def accuracy_table(rows: list[tuple[str, str]]) -> str:
+    out = ["| model | result file | test HR@10 | test NDCG@10 | test HR@20 | test NDCG@20 | valid NDCG@10 | s/epoch | total s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for label, name in rows:
+        r = _load(name)
+        if r is None:
+            out.append(f"| {label} | `{name}.json` | not run yet | | | | | | |")
+            continue
+        t, v = r["metrics"]["test"], r["metrics"]["valid"]
+        out.append(f"| {label} | `{name}.json` | {_f(t.get('HR@10'))} | {_f(t.get('NDCG@10'))} | {_f(t.get('HR@20'))} "
+                   f"| {_f(t.get('NDCG@20'))} | {_f(v.get('NDCG@10'))} | {_f(r.get('seconds_per_epoch'), 1)} "
+                   f"| {_f(r.get('total_seconds', r.get('train_seconds')), 0)} |")
+    return "\n".join(out)
+
+
+def distill_table(name: str) -> str:
+    r = _load(name)
+    if r is None:
+        return f"`{name}.json` not run yet."
+    keys = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
+    out = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for model, m in r["rows"].items():
+        out.append(f"| {model} | " + " | ".join(_f(m["test"].get(k)) for k in keys) + " |")
+    return "\n".join(out) + f"\n\nPreset: {r.get('preset', '')}. Command: `{r['command']}`"
+
+
+def speed_tables() -> str:
+    parts = []
+    e = _load("e4srec_speed")
+    if e:
+        parts.append("| E4SRec training path | s/step | samples/s |\n|---|---|---|")
+        parts += [f"| {k} | {_f(v['seconds_per_step'], 2)} | {_f(v['samples_per_second'], 1)} |"
+                  for k, v in e["rows"].items()]
+    rb = _load("sasrec_vs_recbole")
+    if rb:
+        parts.append("\n| SASRec epoch on Beauty (CE) | s/epoch | rows/epoch |\n|---|---|---|")
+        parts += [f"| {k} | {_f(v['seconds_per_epoch'], 1)} | {v['rows_per_epoch']:,} |" for k, v in rb["rows"].items()]
+    ev = _load("eval_speed_beauty")
+    if ev:
+        parts.append(f"\n| full-ranking evaluation, {ev['users']:,} Beauty users x {ev['items']:,} items | seconds | "
+                     "peak RSS MB |\n|---|---|---|")
+        parts += [f"| {k} | {_f(v['seconds'], 1)} | {_f(v['peak_rss_mb'], 0)} |" for k, v in ev["rows"].items()]
+    return "\n".join(parts)
+
+
+def serve_table() -> str:
+    r = _load("serve_latency")
+    if r is None:
+        return "`serve_latency.json` not run yet."
+    out = ["| bundle | concurrency | p50 ms | p99 ms | requests/s |", "|---|---|---|---|---|"]
+    for bundle, levels in r["rows"].items():
+        for level, m in levels.items():
+            out.append(f"| {bundle} | {level[1:]} | {_f(m['p50_ms'], 1)} | {_f(m['p99_ms'], 1)} | {_f(m['rps'], 0)} |")
+    return "\n".join(out)
+
+
+TABLES = {
+    "sasrec": lambda: accuracy_table([("MostPop, Beauty", "mostpop_beauty"),
+                                      ("SASRec (CE), Beauty", "sasrec_beauty"),
+                                      ("SASRec (BCE, 1 negative), Beauty", "sasrec_beauty_bce"),
+                                      ("SASRec (CE), Toys", "sasrec_toys"),
+                                      ("SASRec (CE), LastFM", "sasrec_lastfm"),
+                                      ("E4SRec (CPU preset), Beauty", "e4srec_beauty_cpu")]),
+    "llmd4rec_beauty": lambda: distill_table("llmd4rec_beauty_cpu"),
+    "llmd4rec_lastfm": lambda: distill_table("llmd4rec_lastfm_cpu"),
+    "speed": speed_tables,
+    "serve": serve_table,
+}
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name, make in TABLES.items():
+        text = re.sub(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table -->)", lambda m: m.group(1) + make() + m.group(2),
+                      text, flags=re.S)
+    readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
