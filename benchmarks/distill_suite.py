@@ -1,8 +1,9 @@
 """LLMD4Rec and its ablations on one dataset: baselines trained once, then one distillation run per row.
 
 Rows: SASRec, E4SRec (the baselines), LLMD4Rec_C / LLMD4Rec_L (full method), and the ablations of the paper
-(each reporting its distilled CRM and LLM): without the loop (one round), without adaptive weights, without
-the embedding update, upward only (LLM -> CRM, as DLLM2Rec-style methods), downward only.
+(each reporting its distilled CRM and LLM): without the loop (one round: read from the full run's first round,
+which is the same computation), without adaptive weights, without the embedding update, upward only
+(LLM -> CRM, as DLLM2Rec-style methods), downward only.
 Writes benchmarks/results/NAME.json; every run folder stays under --runs.
 """
 
@@ -23,7 +24,7 @@ from llmd4rec.training import crm, llm  # noqa: E402
 
 ABLATIONS = {
     "full": [],
-    "no_loop": ["distill.rounds=1"],
+    "no_loop": None,  # round 1 of the full run
     "no_weights": ["distill.adaptive_weights=false"],
     "no_embedding_update": ["distill.embedding_update=false"],
     "upward_only": ["distill.direction=upward"],
@@ -59,11 +60,18 @@ def main() -> None:
     out.update({"preset": Path(args.config).name, "crm_run": str(crm_run), "llm_run": str(llm_run),
                 "ablations": {k: ABLATIONS[k] for k in args.only}, "rows": {}, "seconds": {}})
     for name in args.only:
-        run_name = f"{args.name}-{name}"
         t = time.perf_counter()
-        run_dir = finished(run_name) or loop.run(cfg(f"run_name={run_name}", f"crm_run={crm_run}",
-                                                       f"llm_run={llm_run}", *ABLATIONS[name]))
-        rows = json.loads((run_dir / "results.json").read_text())["rows"]
+        if ABLATIONS[name] is None:
+            full = finished(f"{args.name}-full")
+            if full is None:
+                continue
+            first = json.loads((full / "results.json").read_text())["history"][1]
+            rows = {"LLMD4Rec_C": first["crm"], "LLMD4Rec_L": first["llm"]}
+        else:
+            run_name = f"{args.name}-{name}"
+            run_dir = finished(run_name) or loop.run(cfg(f"run_name={run_name}", f"crm_run={crm_run}",
+                                                           f"llm_run={llm_run}", *ABLATIONS[name]))
+            rows = json.loads((run_dir / "results.json").read_text())["rows"]
         if name == "full":
             out["rows"].update(rows)
         else:

@@ -119,6 +119,10 @@ class Config:
 
 
 
+# a YAML tag or date-like scalar that cannot be built raises these from inside yaml's constructors
+_YAML_ERRORS = (yaml.YAMLError, ValueError, TypeError, KeyError, OverflowError, RecursionError)
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -185,7 +189,7 @@ def _set_dotted(cfg: Config, dotted: str, raw: str) -> None:
         obj = getattr(obj, p)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+    except _YAML_ERRORS:  # not YAML (or a YAML tag that cannot be built): take the text as it is
         value = raw
     _apply(obj, {parts[-1]: value}, ".".join(parts[:-1]) + "." if len(parts) > 1 else "", "command line")
 
@@ -200,12 +204,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise InputError("config file not found", path) from None
         except UnicodeDecodeError:
             raise InputError("config file is not UTF-8 text", path) from None
+        except OSError as e:
+            raise InputError(f"cannot read the config file ({e.strerror or e.__class__.__name__})", path) from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             raise InputError(f"invalid YAML ({getattr(e, 'problem', 'parse error')})", path,
                              mark.line + 1 if mark else None) from None
+        except _YAML_ERRORS as e:
+            raise InputError(f"invalid YAML value ({e.__class__.__name__})", path) from None
         _apply(cfg, data, "", str(path))
     for item in overrides or []:
         if "=" not in item:

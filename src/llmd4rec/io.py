@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .errors import InputError
 
@@ -28,20 +29,42 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def write_error(e: OSError, path: str | os.PathLike) -> InputError:
+    """An OSError from writing (disk full, permission denied, read-only file system) as a one-line InputError."""
+    reason = e.strerror or e.__class__.__name__
+    if e.errno is not None and e.errno in errno.errorcode:
+        reason += f" [{errno.errorcode[e.errno]}]"
+    return InputError(f"cannot write ({reason}); free some space or fix the permissions, then resume: "
+                      "files already written are intact", path)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, fsynced, renamed over `path`; any failure removes the temp file."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                Path(tmp).unlink(missing_ok=True)
+            except OSError:
+                pass
+        if isinstance(e, OSError):
+            raise write_error(e, path) from None
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` so that a crash, a full disk or a permission error leaves the old file (or none), never half
+    of the new one. Write failures raise InputError (the CLI prints one line and exits 2)."""
+    _write_atomically(Path(path), data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -58,9 +81,11 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError("file not found", path) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         line = getattr(e, "lineno", None)
         raise InputError(f"not valid JSON ({e.__class__.__name__})", path, line) from None
+    except OSError as e:
+        raise InputError(f"cannot read ({e.strerror or e.__class__.__name__})", path) from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -71,35 +96,46 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Safetensors written to a temp file, fsynced, then renamed; a sidecar holds its sha256."""
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                 ) -> str:
+    """Safetensors written to a temp file, fsynced, then renamed; a sidecar holds its sha256, which is returned.
+
+    A failed write (disk full, permission denied) raises InputError and leaves the previous file in place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    digest = hashlib.sha256(data).hexdigest()
+    _write_atomically(path, data)
+    del data
     atomic_write_text(path.with_name(path.name + ".sha256"), digest + "\n")
+    return digest
 
 
-def load_tensors(path: str | os.PathLike, verify: bool = True) -> dict[str, torch.Tensor]:
-    """Load safetensors, refusing a file whose checksum sidecar disagrees (truncated or corrupt)."""
+def read_sidecar(path: str | os.PathLike) -> str | None:
+    """The sha256 recorded next to a tensor file, or None when there is no sidecar."""
+    side = Path(path).with_name(Path(path).name + ".sha256")
+    try:
+        return side.read_bytes().decode("ascii", errors="replace").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise InputError(f"cannot read ({e.strerror or e.__class__.__name__})", side) from None
+
+
+def load_tensors(path: str | os.PathLike, verify: bool = True, expected_sha256: str | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Load safetensors, refusing a file whose checksum (sidecar, or `expected_sha256`) disagrees."""
     path = Path(path)
     if not path.exists():
         raise InputError("checkpoint file not found", path)
-    side = path.with_name(path.name + ".sha256")
-    if verify and side.exists():
-        expected = side.read_text().strip()
-        if sha256_file(path) != expected:
-            raise InputError("checksum mismatch: the file is truncated or corrupt", path)
     try:
+        if verify:
+            expected = [d for d in (read_sidecar(path), expected_sha256) if d is not None]
+            if expected and any(sha256_file(path) != d for d in expected):
+                raise InputError("checksum mismatch: the file is truncated or corrupt", path)
         return load_file(str(path))
+    except InputError:
+        raise
+    except OSError as e:
+        raise InputError(f"cannot read ({e.strerror or e.__class__.__name__})", path) from None
     except Exception as e:  # safetensors raises several types for damaged headers
         raise InputError(f"not a readable safetensors file ({e.__class__.__name__})", path) from None

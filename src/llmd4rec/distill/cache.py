@@ -22,6 +22,7 @@ stored, ranked or given probability mass.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..io import atomic_write_json, read_json, sha256_file
+from ..io import atomic_write_json, read_json, sha256_file, write_error
 from .losses import kd_kl, kl_from_log_probs
 from .weights import target_ranks
 
@@ -89,20 +90,23 @@ class TeacherCache:
                 "k": int(k), "temperature": float(temperature), "mode": mode,
                 "info": json.loads(json.dumps(info if info is not None else {}))}
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "header.json").unlink(missing_ok=True)
-        if resume:
-            writer = TeacherCacheWriter._reopen(path, meta)
-            if writer is not None:
-                return writer
-        for name in _ALL_FILES:
-            (path / name).unlink(missing_ok=True)
-        atomic_write_json(path / "meta.json", meta)
-        arrays = {name: np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
-                  for name, (shape, dtype) in _shapes(meta).items()}
-        done = np.lib.format.open_memmap(path / "done.npy", mode="w+", dtype=np.uint8, shape=(n_samples,))
-        for a in (*arrays.values(), done):
-            a.flush()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "header.json").unlink(missing_ok=True)
+            if resume:
+                writer = TeacherCacheWriter._reopen(path, meta)
+                if writer is not None:
+                    return writer
+            for name in _ALL_FILES:
+                (path / name).unlink(missing_ok=True)
+            atomic_write_json(path / "meta.json", meta)
+            arrays = {name: _open_reserved(path / f"{name}.npy", dtype, shape)
+                      for name, (shape, dtype) in _shapes(meta).items()}
+            done = _open_reserved(path / "done.npy", np.uint8, (n_samples,))
+            for a in (*arrays.values(), done):
+                a.flush()
+        except OSError as e:
+            raise write_error(e, path) from None
         return TeacherCacheWriter(path, meta, arrays, done)
 
     @staticmethod
@@ -150,6 +154,21 @@ class TeacherCache:
                                  f"{np.dtype(dtype)}", file)
             arrays[name] = a
         return TeacherCacheReader(path, header, temperature, arrays)
+
+
+def _open_reserved(file: Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
+    """A new .npy memmap whose blocks are allocated now: a full disk fails here with ENOSPC, instead of killing
+    the process with SIGBUS when a page of the (otherwise sparse) file is first written."""
+    array = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)
+    fd = os.open(file, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # file systems without fallocate
+            raise
+    finally:
+        os.close(fd)
+    return array
 
 
 def _count_done(path: Path) -> int | str:

@@ -10,6 +10,7 @@ each phase's `done.json`, and finally results.json, results.md and rounds.png. A
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -17,11 +18,14 @@ import torch
 
 from ..config import Config
 from ..data.dataset import Split
+from ..errors import InputError
 from ..evaluation import evaluate_split
 from ..io import atomic_write_json, load_tensors, read_json, save_tensors
 from ..models.sasrec import SASRec
 from ..pretrained import load_crm, load_data
-from ..runs import format_table, log_metrics, make_run_dir, pick_device, seed_everything, write_results
+from ..runs import format_table, log_metrics, make_run_dir, pick_device, seed_everything, truncate_metrics, \
+    write_results
+from ..training.checkpoint import has_checkpoint
 from ..training.crm import fit_crm
 from ..training.llm import build_llm, fit_llm, load_llm, sample_grid
 from .cache import TeacherCache, TeacherCacheReader
@@ -41,13 +45,20 @@ def sample_index(targets: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def build_cache(path: Path, teacher, kind: str, inputs: torch.Tensor, targets: torch.Tensor, n_items: int,
                 temperature: float, k: int, device: torch.device, users_per_batch: int) -> TeacherCacheReader:
-    """Run the frozen teacher once over every sample of the grid and keep its logits on disk."""
+    """Run the frozen teacher once over every sample of the grid and keep its logits on disk.
+
+    A finished cache that fails its checks (truncated, corrupt) is rebuilt from the teacher, with a warning."""
+    keep = True
     if (path / "header.json").exists():
-        return TeacherCache.open(path)
+        try:
+            return TeacherCache.open(path)
+        except InputError as e:
+            print(f"warning: {e}; rebuilding the teacher cache", file=sys.stderr, flush=True)
+            keep = False
     rows_all, cols_all = (targets > 0).nonzero(as_tuple=True)
     per_user = (targets > 0).sum(1)
     starts = torch.cat([torch.zeros(1, dtype=torch.long), per_user.cumsum(0)])
-    writer = TeacherCache.create(path, len(rows_all), n_items, k, temperature, resume=True,
+    writer = TeacherCache.create(path, len(rows_all), n_items, k, temperature, resume=keep,
                                  info={"teacher": kind, "samples": len(rows_all)})
     pending = {s for s, _ in writer.pending_ranges(len(rows_all))}
     done_upto = min(pending) if pending else len(rows_all)
@@ -93,7 +104,39 @@ def kd_hook(cache: TeacherCacheReader, index: torch.Tensor, scale: float, t_squa
 
 
 def _phase_done(folder: Path) -> dict | None:
-    return read_json(folder / "done.json") if (folder / "done.json").exists() else None
+    """done.json is written atomically after a phase's last file, so its presence alone means finished."""
+    if not (folder / "done.json").exists():
+        return None
+    try:
+        done = read_json(folder / "done.json")
+    except InputError as e:
+        print(f"warning: {e}; the phase counts as finished", file=sys.stderr, flush=True)
+        done = None
+    return done if isinstance(done, dict) and done else {"phase": folder.name}
+
+
+def _finish_phase(folder: Path) -> None:
+    """Mark a phase finished, with the global RNG state it ended with: a resume that skips it restores that
+    state, so the phases after it draw the same dropout masks as in an uninterrupted run."""
+    save_tensors(folder / "rng.safetensors", {"rng.torch": torch.get_rng_state()})
+    atomic_write_json(folder / "done.json", {"phase": folder.name})
+
+
+def _skip_phase(folder: Path) -> None:
+    """The RNG side of skipping a finished phase (its weights are loaded by the caller)."""
+    if not (folder / "rng.safetensors").exists():
+        return  # a run folder from before the RNG was kept: the later phases still run, not bit-identically
+    try:
+        torch.set_rng_state(load_tensors(folder / "rng.safetensors")["rng.torch"])
+    except (InputError, KeyError, RuntimeError) as e:
+        print(f"warning: {e}; later phases will not repeat the uninterrupted run's random draws",
+              file=sys.stderr, flush=True)
+
+
+def _start_phase(run_dir: Path, phase: str, resume: bool) -> None:
+    """A resumed phase without a checkpoint starts over: drop the lines its interrupted attempt logged."""
+    if resume and not has_checkpoint(run_dir / phase, "last"):
+        truncate_metrics(run_dir, phase, -1)
 
 
 def _evaluate_both(crm, llm, split: Split, cfg: Config, device) -> dict:
@@ -120,10 +163,12 @@ def run(cfg: Config, resume: str | None = None) -> Path:
     if cfg.crm_run:
         crm = load_crm(Path(cfg.crm_run), n, cfg, device=device)
     elif not _phase_done(run_dir / "crm0"):
+        _start_phase(run_dir, "crm0", resume is not None)
         fit_crm(crm, split, cfg, run_dir, phase="crm0", resume=resume is not None)
-        atomic_write_json(run_dir / "crm0" / "done.json", {"phase": "crm0"})
+        _finish_phase(run_dir / "crm0")
     else:
         crm = load_crm(run_dir, n, cfg, phase="crm0", device=device)
+        _skip_phase(run_dir / "crm0")
 
     # 2. the LLM baseline (E4SRec), its ID table copied from the CRM
     if cfg.llm_run:
@@ -134,11 +179,15 @@ def run(cfg: Config, resume: str | None = None) -> Path:
             save_tensors(table_path, {"item_table": crm.item_emb.weight.detach().cpu()})
         llm = build_llm(cfg, load_tensors(table_path)["item_table"], device)
         if not _phase_done(run_dir / "llm0"):
+            _start_phase(run_dir, "llm0", resume is not None)
             fit_llm(llm, split, cfg, run_dir, phase="llm0", resume=resume is not None)
-            atomic_write_json(run_dir / "llm0" / "done.json", {"phase": "llm0"})
+            _finish_phase(run_dir / "llm0")
         else:
             llm = load_llm(run_dir, n, cfg, device=device, phase="llm0")
+            _skip_phase(run_dir / "llm0")
     history = [{"round": 0, **_evaluate_both(crm, llm, split, cfg, device)}]
+    if resume is not None:
+        truncate_metrics(run_dir, "baselines", -1)
     log_metrics(run_dir, {"phase": "baselines", "epoch": 0, **history[0]})
 
     # 3. alternating rounds
@@ -151,6 +200,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
             if _phase_done(run_dir / phase):
                 llm.load_trainable_state_dict(load_tensors(run_dir / phase / "best.safetensors"))
                 llm.set_item_embeddings(load_tensors(run_dir / phase / "item_table.safetensors")["item_table"])
+                _skip_phase(run_dir / phase)
             else:
                 if d.embedding_update:
                     llm.set_item_embeddings(crm.item_emb.weight)
@@ -159,22 +209,27 @@ def run(cfg: Config, resume: str | None = None) -> Path:
                                     device, 256)
                 kd = kd_hook(cache, sample_index(llm_grid[1]), d.gamma, d.t_squared, d.adaptive_weights, "llm")
                 tc = dataclasses.replace(cfg.llm_train, epochs=d.llm_epochs, patience=d.llm_epochs)
+                _start_phase(run_dir, phase, resume is not None)
                 fit_llm(llm, split, cfg, run_dir, phase=phase, train_cfg=tc, kd=kd, resume=resume is not None,
                         keep_start=True)
-                atomic_write_json(run_dir / phase / "done.json", {"phase": phase})
+                _finish_phase(run_dir / phase)
         if d.direction in ("both", "upward"):
             phase = f"round{t}-up"
             if _phase_done(run_dir / phase):
                 crm = load_crm(run_dir, n, cfg, phase=phase, device=device)
+                _skip_phase(run_dir / phase)
             else:
                 cache = build_cache(run_dir / f"round{t}-cache-llm", llm, "llm", *crm_grid, n, d.t2, d.cache_topk,
                                     device, users_per_batch)
                 kd = kd_hook(cache, sample_index(crm_grid[1]), d.beta, d.t_squared, d.adaptive_weights, "crm")
                 tc = dataclasses.replace(cfg.crm_train, epochs=d.crm_epochs)
+                _start_phase(run_dir, phase, resume is not None)
                 fit_crm(crm, split, cfg, run_dir, phase=phase, train_cfg=tc, kd=kd, resume=resume is not None,
                         keep_start=True)
-                atomic_write_json(run_dir / phase / "done.json", {"phase": phase})
+                _finish_phase(run_dir / phase)
         history.append({"round": t, **_evaluate_both(crm, llm, split, cfg, device)})
+        if resume is not None:
+            truncate_metrics(run_dir, "rounds", t - 1)
         log_metrics(run_dir, {"phase": "rounds", "epoch": t, **history[-1]})
 
     rows = {"SASRec": history[0]["crm"], "E4SRec": history[0]["llm"],

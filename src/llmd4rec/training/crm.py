@@ -127,11 +127,12 @@ def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str 
     inputs, targets = all_positions(split.train, model.max_len)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     gen = torch.Generator().manual_seed(tc.seed)
-    start, best, bad, best_epoch = 1, -1.0, 0, 0
+    start, best, bad, best_epoch, best_valid = 1, -1.0, 0, 0, None
     if resume and has_checkpoint(folder, "last"):
         weights, state = load_checkpoint(folder, "last", opt, {"train": gen})
         model.load_state_dict(weights)
         start, best, bad, best_epoch = state["epoch"] + 1, state["best"], state["bad"], state["best_epoch"]
+        best_valid = state.get("best_valid")
         if main:
             truncate_metrics(run_dir, phase, state["epoch"])
         if state.get("stopped"):
@@ -139,7 +140,7 @@ def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str 
     elif keep_start:
         model.eval()
         valid_m = evaluate_split(model, split, cfg.eval, "valid", device)
-        best = valid_m["NDCG@10"]
+        best, best_valid = valid_m["NDCG@10"], valid_m
         if main:
             save_checkpoint(folder, "best", model.state_dict(), state={"epoch": 0, "valid": valid_m})
             log_metrics(run_dir, {"phase": phase, "epoch": 0, "valid": valid_m})
@@ -201,7 +202,7 @@ def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str 
             valid_m = evaluate_split(model, split, cfg.eval, "valid", device)
             record["valid"] = valid_m
             if valid_m["NDCG@10"] > best:
-                best, bad, best_epoch = valid_m["NDCG@10"], 0, epoch
+                best, bad, best_epoch, best_valid = valid_m["NDCG@10"], 0, epoch, valid_m
                 if main:
                     save_checkpoint(folder, "best", model.state_dict(), state={"epoch": epoch, "valid": valid_m})
             else:
@@ -210,7 +211,8 @@ def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str 
         if main:
             log_metrics(run_dir, record)
             save_checkpoint(folder, "last", model.state_dict(), opt,
-                            {"epoch": epoch, "best": best, "bad": bad, "best_epoch": best_epoch, "stopped": stop},
+                            {"epoch": epoch, "best": best, "bad": bad, "best_epoch": best_epoch, "stopped": stop,
+                             "best_valid": best_valid},
                             {"train": gen})
             print(f"{phase} epoch {epoch}: loss {record['loss']:.4f}, {seconds:.1f}s"
                   + (f", valid NDCG@10 {record['valid']['NDCG@10']:.4f}" if "valid" in record else ""), flush=True)
@@ -219,7 +221,7 @@ def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str 
     distributed.barrier()  # rank 0's last checkpoint is on disk before anyone reads it
     model.load_state_dict(load_weights(folder, "best"))
     model.eval()
-    return {"valid": evaluate_split(model, split, cfg.eval, "valid", device),
+    return {"valid": best_valid or evaluate_split(model, split, cfg.eval, "valid", device),
             "test": evaluate_split(model, split, cfg.eval, "test", device), "best_epoch": best_epoch}
 
 

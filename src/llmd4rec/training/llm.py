@@ -91,11 +91,12 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
     gen = torch.Generator().manual_seed(tc.seed)
     n_batches = len(user_batches(targets, torch.arange(len(targets)), tc.batch_size))
     sched = cosine_with_warmup(opt, tc.warmup_steps, tc.epochs * math.ceil(n_batches / tc.grad_accum))
-    epoch, step, best, bad, best_epoch = 1, 0, -1.0, 0, 0
+    epoch, step, best, bad, best_epoch, best_valid = 1, 0, -1.0, 0, 0, None
     if resume and has_checkpoint(folder, "last"):
         weights, st = load_checkpoint(folder, "last", opt, {"train": gen})
         model.load_trainable_state_dict(weights)
         epoch, step, best, bad, best_epoch = st["epoch"], st["step"], st["best"], st["bad"], st["best_epoch"]
+        best_valid = st.get("best_valid")
         sched.load_state_dict({**sched.state_dict(), "last_epoch": st["sched"], "_step_count": st["sched"] + 1})
         if main:
             truncate_metrics(run_dir, phase, epoch - 1)
@@ -104,7 +105,7 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
     elif keep_start:
         model.eval()
         valid_m = evaluate_split(model, split, cfg.eval, "valid", device)
-        best = valid_m["NDCG@10"]
+        best, best_valid = valid_m["NDCG@10"], valid_m
         if main:
             save_checkpoint(folder, "best", model.trainable_state_dict(), state={"epoch": 0, "valid": valid_m})
             log_metrics(run_dir, {"phase": phase, "epoch": 0, "valid": valid_m})
@@ -162,7 +163,7 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
                 if main:
                     save_checkpoint(folder, "last", model.trainable_state_dict(), opt,
                                     {"epoch": epoch, "step": b + 1, "best": best, "bad": bad, "best_epoch": best_epoch,
-                                     "sched": sched.last_epoch}, {"train": gen})
+                                     "sched": sched.last_epoch, "best_valid": best_valid}, {"train": gen})
                     print(f"{phase} epoch {epoch} step {b + 1}/{len(batches)}: loss {total / max(seen, 1):.4f}, "
                           f"{seen / (time.perf_counter() - t0):.1f} samples/s", flush=True)
                 gen.set_state(gen_now)
@@ -175,7 +176,7 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
         valid_m = evaluate_split(model, split, cfg.eval, "valid", device)
         record["valid"] = valid_m
         if valid_m["NDCG@10"] > best:
-            best, bad, best_epoch = valid_m["NDCG@10"], 0, epoch
+            best, bad, best_epoch, best_valid = valid_m["NDCG@10"], 0, epoch, valid_m
             if main:
                 save_checkpoint(folder, "best", model.trainable_state_dict(), state={"epoch": epoch, "valid": valid_m})
         else:
@@ -185,7 +186,7 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
             log_metrics(run_dir, record)
             save_checkpoint(folder, "last", model.trainable_state_dict(), opt,
                             {"epoch": epoch + 1, "step": 0, "best": best, "bad": bad, "best_epoch": best_epoch,
-                             "sched": sched.last_epoch, "stopped": stop}, {"train": gen})
+                             "sched": sched.last_epoch, "stopped": stop, "best_valid": best_valid}, {"train": gen})
             print(f"{phase} epoch {epoch}: loss {record['loss']:.4f}, {record['epoch_seconds']:.0f}s, "
                   f"valid NDCG@10 {valid_m['NDCG@10']:.4f}", flush=True)
         epoch, step = epoch + 1, 0
@@ -194,7 +195,7 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
     distributed.barrier()  # rank 0's last checkpoint is on disk before anyone reads it
     model.load_trainable_state_dict(load_tensors(folder / "best.safetensors"))
     model.eval()
-    return {"valid": evaluate_split(model, split, cfg.eval, "valid", device),
+    return {"valid": best_valid or evaluate_split(model, split, cfg.eval, "valid", device),
             "test": evaluate_split(model, split, cfg.eval, "test", device), "best_epoch": best_epoch}
 
 
@@ -229,6 +230,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
                 table = crm_item_table(cfg, dataset.n_items)
                 if distributed.is_main():
                     save_tensors(table_path, {"item_table": table})
+            seed_everything(cfg.seed)  # the same LoRA/head init whether the table was rebuilt or read back
             model = build_llm(cfg, table, device)
         t0 = time.perf_counter()
         metrics = fit_llm(model, split, cfg, run_dir, resume=resume is not None)

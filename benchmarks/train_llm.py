@@ -1,0 +1,58 @@
+"""Train E4SRec from a SASRec run through the CLI recipe; record its metrics next to that SASRec's, and time.
+
+Example: python benchmarks/train_llm.py --config configs/e4srec/beauty_cpu.yaml --name e4srec_beauty_cpu \
+             crm_run=runs/bench/sasrec_beauty data.data_dir=../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import header  # noqa: E402
+
+from llmd4rec.config import config_to_dict, load_config  # noqa: E402
+from llmd4rec.evaluation import evaluate_split  # noqa: E402
+from llmd4rec.pretrained import load_crm, load_data  # noqa: E402
+from llmd4rec.runs import read_metrics  # noqa: E402
+from llmd4rec.training import llm  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--name", required=True, help="result file benchmarks/results/NAME.json")
+    p.add_argument("--resume", help="continue a stopped benchmark run folder")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    cfg = load_config(args.config, args.overrides + [f"run_name={args.name}"] * (args.resume is None))
+    run_dir = llm.run(cfg, args.resume)
+    results = json.loads((run_dir / "results.json").read_text())
+    dataset, split = load_data(cfg)
+    crm_model = load_crm(Path(cfg.crm_run), dataset.n_items, cfg)
+    crm_metrics = {w: evaluate_split(crm_model, split, cfg.eval, w) for w in ("valid", "test")}
+    records = [r for r in read_metrics(run_dir) if r.get("phase") == "llm" and "loss" in r]
+    out = header(config_to_dict(cfg))
+    out.update({
+        "run_dir": str(run_dir),
+        "preset": f"{cfg.llm.backbone}, keep_layers={cfg.llm.keep_layers}, "
+                  f"max_targets_per_user={cfg.llm_train.max_targets_per_user}, epochs={cfg.llm_train.epochs}",
+        "eval": {"mode": cfg.eval.mode, "exclude_seen": cfg.eval.exclude_seen, "users": "all"},
+        "metrics": {"valid": results["valid"], "test": results["test"]},
+        "rows": {"SASRec (initialisation)": crm_metrics, "E4SRec": {"valid": results["valid"],
+                                                                    "test": results["test"]}},
+        "best_epoch": results["best_epoch"],
+        "samples_per_epoch": records[-1]["samples"] if records else None,
+        "seconds_per_epoch": sum(r["epoch_seconds"] for r in records) / max(len(records), 1),
+        "total_seconds": results["train_seconds"],
+    })
+    path = Path(__file__).resolve().parent / "results" / f"{args.name}.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
