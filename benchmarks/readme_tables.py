@@ -45,7 +45,9 @@ def distill_table(name: str) -> str:
     out = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for model, m in r["rows"].items():
         out.append(f"| {model} | " + " | ".join(_f(m["test"].get(k)) for k in keys) + " |")
-    return "\n".join(out) + f"\n\nPreset: {r.get('preset', '')}. Command: `{r['command']}`"
+    return "\n".join(out) + (f"\n\nPreset `{r.get('preset', '')}` (backbone {r['config']['llm']['backbone']}, "
+                              f"keep_layers={r['config']['llm']['keep_layers']}). Ablation rows report the "
+                              f"distilled CRM and LLM of that run. Command: `{r['command']}`")
 
 
 def speed_tables() -> str:
@@ -64,6 +66,10 @@ def speed_tables() -> str:
         parts.append(f"\n| full-ranking evaluation, {ev['users']:,} Beauty users x {ev['items']:,} items | seconds | "
                      "peak RSS MB |\n|---|---|---|")
         parts += [f"| {k} | {_f(v['seconds'], 1)} | {_f(v['peak_rss_mb'], 0)} |" for k, v in ev["rows"].items()]
+    up = _load("upward_cache_speed")
+    if up:
+        parts.append(f"\n| upward phase, one SASRec epoch on {up['dataset']} | seconds |\n|---|---|")
+        parts += [f"| {k} | {_f(v.get('epoch_seconds', v.get('seconds')), 1)} |" for k, v in up["rows"].items()]
     return "\n".join(parts)
 
 
@@ -85,7 +91,6 @@ TABLES = {
                                       ("SASRec (CE), Toys", "sasrec_toys"),
                                       ("SASRec (CE), LastFM", "sasrec_lastfm"),
                                       ("E4SRec (CPU preset), Beauty", "e4srec_beauty_cpu")]),
-    "llmd4rec_beauty": lambda: distill_table("llmd4rec_beauty_cpu"),
     "llmd4rec_lastfm": lambda: distill_table("llmd4rec_lastfm_cpu"),
     "speed": speed_tables,
     "serve": serve_table,
@@ -96,8 +101,8 @@ def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
     for name, make in TABLES.items():
-        text = re.sub(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table -->)", lambda m: m.group(1) + make() + m.group(2),
-                      text, flags=re.S)
+        text = re.sub(rf"(<!-- table:{name} -->\n)(?:.*?\n)??(<!-- /table -->)",
+                      lambda m: m.group(1) + make() + "\n" + m.group(2), text, flags=re.S)
     readme.write_text(text)
 
 
