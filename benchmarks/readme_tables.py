@@ -79,7 +79,7 @@ def serve_table() -> str:
         return "`serve_latency.json` not run yet."
     out = ["| bundle | concurrency | p50 ms | p99 ms | requests/s |", "|---|---|---|---|---|"]
     for bundle, levels in r["rows"].items():
-        for level, m in levels.items():
+        for level, m in sorted(levels.items(), key=lambda kv: int(kv[0][1:])):
             out.append(f"| {bundle} | {level[1:]} | {_f(m['p50_ms'], 1)} | {_f(m['p99_ms'], 1)} | {_f(m['rps'], 0)} |")
     return "\n".join(out)
 
