@@ -33,26 +33,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header  # noqa: E402
 
+from llmd4rec.testing import save_tiny_backbone  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 SECONDS_KEYS = ("epoch_seconds", "train_seconds", "seconds")
-
-
-def build_tiny_backbone(path: Path) -> None:
-    """A tiny random Qwen2 (2 layers, hidden 32) with an offline byte-level tokenizer, as tests/conftest.py."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
 
 
 def phase_args(phase: str, data_dir: str, backbone: Path, refs: dict[str, Path]) -> list[str]:
@@ -358,7 +343,7 @@ def main() -> None:
     try:
         backbone = work / "tiny-qwen2"
         if not backbone.exists():
-            build_tiny_backbone(backbone)
+            save_tiny_backbone(backbone)
         runner = Runner(work, env)
         refs = {ph: work / "ref" / ph for ph in ("crm", "llm", "distill")}
         args_of: dict[str, list[str]] = {}

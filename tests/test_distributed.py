@@ -21,6 +21,7 @@ from llmd4rec.evaluation import evaluate_split
 from llmd4rec.io import save_tensors
 from llmd4rec.models.sasrec import SASRec
 from llmd4rec.pretrained import load_crm, load_data
+from llmd4rec.testing import save_tiny_backbone
 from llmd4rec.training import crm, llm
 
 METRICS = [f"{m}@{k}" for m in ("HR", "NDCG", "MRR") for k in (5, 10, 20)]
@@ -69,23 +70,6 @@ def _single_process_eval(model, split, cfg) -> dict:
         torch.set_num_threads(threads)
 
 
-def tiny_backbone(folder: Path) -> Path:
-    """A random 2-layer Qwen2 and a byte-level tokenizer (no merges), saved like a downloaded model folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_sasrec_lastfm_two_processes_match_one(shared_data, tmp_path):
     """SASRec on LastFM, 2 epochs. Tolerance: per-epoch loss within 1e-4 relative and every validation metric
     within 2 users' worth (2 / 1090): float rounding may flip a near-tie for a user or two. Batch size 121 leaves
@@ -115,7 +99,7 @@ def test_tiny_e4srec_two_processes_match_one(tmp_path):
     (DDP skips the all-reduce on the first); batches of 17 samples end each epoch with a single user, so one rank's
     shard is empty. Tolerance: loss within 1e-4 relative, validation metrics within one user's worth (1 / 60); the
     2-process evaluation of the best checkpoint equals the 1-process one exactly."""
-    backbone = tiny_backbone(tmp_path / "qwen2-tiny")
+    backbone = save_tiny_backbone(tmp_path / "qwen2-tiny")
     data = ["data.synthetic_users=60", "data.synthetic_items=40", "crm.hidden=16", "crm.max_len=10"]
     cfg_crm = load_config(None, data)
     torch.manual_seed(0)
