@@ -32,15 +32,21 @@ def _as_float(r: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(r).to(torch.float32)
 
 
+def _trust_in_teacher(r_teacher: torch.Tensor, r_student: torch.Tensor) -> torch.Tensor:
+    """The one rule behind w1 and w2: above 1 where the teacher ranks the truth better than the student, below 1
+    where the student is already better, 1 on equal ranks; max(r, 1) in the denominators, clipped to [0, 2]."""
+    r_t, r_s = _as_float(r_teacher), _as_float(r_student)
+    up = 1 + (r_s - r_t) / r_t.clamp(min=1)
+    down = 1 - (r_t - r_s) / r_s.clamp(min=1)
+    return torch.where(r_s > r_t, up, down).clamp(0.0, 2.0)
+
+
 def weights_crm_to_llm(r_c: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
     """w1 (CRM teaches LLM) from 0-based target ranks under the CRM (r_c) and the LLM (r_l); in [0, 2].
 
     r_l > r_c: 1 + (r_l - r_c) / max(r_c, 1), else 1 - (r_c - r_l) / max(r_l, 1), clipped to [0, 2].
     """
-    r_c, r_l = _as_float(r_c), _as_float(r_l)
-    up = 1 + (r_l - r_c) / r_c.clamp(min=1)
-    down = 1 - (r_c - r_l) / r_l.clamp(min=1)
-    return torch.where(r_l > r_c, up, down).clamp(0.0, 2.0)
+    return _trust_in_teacher(r_c, r_l)
 
 
 def weights_llm_to_crm(r_c: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
@@ -48,7 +54,4 @@ def weights_llm_to_crm(r_c: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
 
     r_c > r_l: 1 + (r_c - r_l) / max(r_l, 1), else 1 - (r_l - r_c) / max(r_c, 1), clipped to [0, 2].
     """
-    r_c, r_l = _as_float(r_c), _as_float(r_l)
-    up = 1 + (r_c - r_l) / r_l.clamp(min=1)
-    down = 1 - (r_l - r_c) / r_c.clamp(min=1)
-    return torch.where(r_c > r_l, up, down).clamp(0.0, 2.0)
+    return _trust_in_teacher(r_l, r_c)
