@@ -4,7 +4,8 @@ Rows: SASRec, E4SRec (the baselines), LLMD4Rec_C / LLMD4Rec_L (full method), and
 (each reporting its distilled CRM and LLM): without the loop (one round: read from the full run's first round,
 which is the same computation), without adaptive weights, without the embedding update, upward only
 (LLM -> CRM, as DLLM2Rec-style methods), downward only.
-Writes benchmarks/results/NAME.json; every run folder stays under --runs.
+Writes benchmarks/results/NAME.json; every run folder stays under --runs. Runs already finished there (for example
+launched in parallel with `llmd4rec distill ... run_name=NAME-ABLATION`) are read, with the time they reported.
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ def main() -> None:
             run_name = f"{args.name}-{name}"
             run_dir = finished(run_name) or loop.run(cfg(f"run_name={run_name}", f"crm_run={crm_run}",
                                                            f"llm_run={llm_run}", *ABLATIONS[name]))
-            rows = json.loads((run_dir / "results.json").read_text())["rows"]
+            results = json.loads((run_dir / "results.json").read_text())
+            rows = results["rows"]
+            t -= results.get("seconds", 0.0)  # a run finished earlier (or by a parallel launch) reports its own time
         if name == "full":
             out["rows"].update(rows)
         else:

@@ -253,6 +253,65 @@ def test_topk_kl_gradient_flows_to_student(tmp_path):
     assert torch.isfinite(s.grad).all() and s.grad[:, 1:].abs().sum() > 0 and (s.grad[:, 0] == 0).all()
 
 
+def _coarsened_kl_autograd(student, idx, log_pt, T):
+    """The plain formulation of the top-k KL (masked logsumexp for the tail), in float64 autograd ops."""
+    s = student / T
+    s = torch.cat([torch.full_like(s[:, :1], float("-inf")), s[:, 1:]], 1)
+    lse = s.logsumexp(1, keepdim=True)
+    tail = s.scatter(1, idx, float("-inf")).logsumexp(1, keepdim=True)
+    log_ps = torch.cat([s.gather(1, idx), tail], 1) - lse
+    return (log_pt.exp() * (log_pt - log_ps)).sum(1)
+
+
+def test_topk_kl_fast_path_equals_plain_autograd(tmp_path):
+    """The hand-written forward/backward equals the autograd formulation in float64, on ordinary rows, on a
+    row whose student tail mass is ~1e-40 (underflows a max-shifted float32 exp), and on a flat row."""
+    student, teacher, targets = _peaked(12, 400, seed=5)
+    student[0, 1:] *= 60  # extreme: nearly all the student's mass on one item
+    student[1, 1:] = 0.0
+    cache = _build(tmp_path / "c", teacher, targets, k=16, T=0.2, mode="topk")
+    rows = torch.arange(12)
+    s = student.clone().double().requires_grad_()
+    got = cache.kl(s, rows)
+    g_out = torch.linspace(0.5, 1.5, 12, dtype=torch.float64)
+    (got * g_out).sum().backward()
+    idx = torch.from_numpy(np.array(cache._arrays["topk_idx"])).long()
+    log_tail = torch.from_numpy(np.array(cache._arrays["log_tail"]))[:, None]
+    top = torch.from_numpy(np.array(cache._arrays["topk_val"])).float()
+    # the teacher side as the cache forms it (float32); the student side is what is compared
+    log_pt = torch.cat([F.log_softmax(top / 0.2, 1) + torch.log(-torch.expm1(log_tail)), log_tail], 1).double()
+    ref_in = student.clone().double().requires_grad_()
+    ref = _coarsened_kl_autograd(ref_in, idx, log_pt, 0.2)
+    (ref * g_out).sum().backward()
+    assert torch.allclose(got, ref, rtol=1e-9, atol=1e-10)
+    assert torch.allclose(s.grad, ref_in.grad, rtol=1e-7, atol=1e-12)
+    assert (s.grad[:, 0] == 0).all()
+    # in float32 the fast path stays finite and close
+    s32 = student.clone().requires_grad_()
+    got32 = cache.kl(s32, rows)
+    got32.sum().backward()
+    assert torch.isfinite(got32).all() and torch.isfinite(s32.grad).all()
+    assert torch.allclose(got32.double(), ref.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_full_mode_fast_path_equals_kd_kl_autograd(tmp_path):
+    """Mode full's hand-written forward/backward equals kd_kl through autograd, in float64, on the stored rows."""
+    student, teacher, targets = _peaked(10, 300, seed=6)
+    student[0, 1:] *= 40
+    cache = _build(tmp_path / "c", teacher, targets, k=8, T=0.2, mode="full")
+    rows = torch.arange(10)
+    stored = torch.cat([torch.zeros(10, 1), torch.from_numpy(np.array(cache._arrays["logits"])).float()], 1)
+    g_out = torch.linspace(0.5, 1.5, 10, dtype=torch.float64)
+    s = student.clone().double().requires_grad_()
+    got = cache.kl(s, rows, t_squared=True)
+    (got * g_out).sum().backward()
+    ref_in = student.clone().double().requires_grad_()
+    ref = kd_kl(ref_in, stored.double(), 0.2, t_squared=True)
+    (ref * g_out).sum().backward()
+    assert torch.allclose(got, ref, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(s.grad, ref_in.grad, rtol=1e-7, atol=1e-12) and (s.grad[:, 0] == 0).all()
+
+
 def test_auto_mode_uses_byte_threshold(tmp_path):
     small = TeacherCache.create(tmp_path / "a", 10, 100, 8, 0.2)
     big = TeacherCache.create(tmp_path / "b", 10, 100, 8, 0.2, full_max_bytes=1000)

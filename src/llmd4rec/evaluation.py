@@ -36,6 +36,12 @@ def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = (5, 10, 20), prefi
     return out
 
 
+def count_at_least(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Per row, how many scores are >= the row's threshold [S, 1]: LongTensor [S]. Summing the comparison as
+    uint8 into int32 is about twice as fast on CPU as counting a bool tensor (the hot loop of ranking)."""
+    return (scores >= threshold).view(torch.uint8).sum(dim=1, dtype=torch.int32).long()
+
+
 def _plan(n_items: int, memory_mb: int, n_users: int) -> tuple[int, int]:
     """Users per batch and items per chunk so that one score buffer stays within memory_mb."""
     budget = max(memory_mb, 1) * (1 << 20) // 4 // 3  # floats; the mask and comparison need room too
@@ -76,9 +82,13 @@ def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int]
     ic = items_per_chunk or ic
     ranks = np.zeros(n, dtype=np.int64)
     world, me = distributed.world_size(), distributed.rank()
+    # users of similar history length batch together: a model that trims padding (E4SRec) then runs short rows
+    order = np.argsort([min(len(h), max_len or len(h)) for h in inputs], kind="stable")
+    targets = list(targets)
     for start in range(me * ub, n, world * ub):
-        hist = inputs[start:start + ub]
-        tgt = torch.as_tensor(list(targets[start:start + ub]), dtype=torch.long)
+        users = order[start:start + ub]
+        hist = [inputs[u] for u in users]
+        tgt = torch.as_tensor([targets[u] for u in users], dtype=torch.long)
         state = model.encode(pad_left(hist, max_len).to(device))
         seen = pad_left(hist).to(device) if exclude_seen else torch.zeros(len(hist), 0, dtype=torch.long, device=device)
         skip = _non_competitors(seen, tgt.to(device))
@@ -98,11 +108,11 @@ def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int]
             s = cached if cached is not None else model.score_items(state, lo, hi).float()
             # count every column at least as high, then take back the non-competitors among them:
             # a handful per user, so no [B, items] mask is ever built
-            count += torch.count_nonzero(s >= tscore[:, None], dim=1)
+            count += count_at_least(s, tscore[:, None])
             inside = (skip >= lo) & (skip < hi)
             taken = torch.gather(s, 1, torch.where(inside, skip - lo, 0)) >= tscore[:, None]
             count -= torch.count_nonzero(taken & inside, dim=1)
-        ranks[start:start + len(hist)] = count.cpu().numpy()
+        ranks[users] = count.cpu().numpy()
     if world > 1:
         ranks = distributed.all_sum(torch.from_numpy(ranks)).numpy()
     return ranks

@@ -35,7 +35,6 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..io import atomic_write_json, read_json, sha256_file, write_error
-from .losses import kd_kl, kl_from_log_probs
 from .weights import target_ranks
 
 FORMAT = "llmd4rec-teacher-cache"
@@ -60,6 +59,88 @@ def _shapes(meta: dict) -> dict[str, tuple[tuple[int, ...], Any]]:
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012)."""
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+_EXP_FLOOR = -80.0
+
+
+class _TopKBucketKL(torch.autograd.Function):
+    """KL(teacher || student) over k + 1 buckets (the teacher's top-k items and the tail), per sample.
+
+    Written out by hand because this runs for every training position of an upward phase: five passes over the
+    [b, n_items + 1] logits forward and one backward, against about twenty for the same formula in autograd ops.
+    The tail is summed in its own max-shifted exponentials (no 1 - top-k cancellation, no underflow), and the
+    k + 1 bucket log-probabilities are formed in float64.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, idx: torch.Tensor, log_pt: torch.Tensor, T: float) -> torch.Tensor:
+        z = logits.detach().to(torch.promote_types(logits.dtype, torch.float32)) * (1.0 / T)
+        z[:, 0] = float("-inf")  # padding takes no mass
+        z_top = z.gather(1, idx).double()
+        z.scatter_(1, idx, float("-inf"))  # z now holds the tail items only
+        m_tail = z.amax(dim=1, keepdim=True)
+        e_tail = z.sub_(m_tail).clamp_(min=_EXP_FLOOR).exp_()  # no denormals (slow); < 1e-34 of the max anyway
+        tail_sum = e_tail.sum(dim=1, keepdim=True).double()
+        buckets = torch.cat([z_top, m_tail.double() + tail_sum.log()], dim=1)
+        lse = buckets.logsumexp(dim=1, keepdim=True)
+        log_ps = buckets - lse
+        log_pt = log_pt.double()
+        p_t = log_pt.exp()
+        kl = torch.where(p_t > 0, p_t * (log_pt - log_ps), torch.zeros((), dtype=torch.float64,
+                                                                       device=p_t.device)).sum(1)
+        ctx.save_for_backward(e_tail, idx, p_t, log_ps, tail_sum, m_tail, lse)
+        ctx.T, ctx.dtype = T, logits.dtype
+        return kl.to(e_tail.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        e_tail, idx, p_t, log_ps, tail_sum, m_tail, lse = ctx.saved_tensors
+        g = grad.double()[:, None] / ctx.T
+        # d KL / d z_j = mass * p_s(j) - p_t(bucket of j) * p_s(j | bucket), a tail item's share of the tail being
+        # e_j / tail_sum; mass = sum of p_t, 1 up to the rounding of the stored teacher
+        mass = p_t.sum(dim=1, keepdim=True)
+        tail_coef = (mass * (m_tail.double() - lse).exp() - p_t[:, -1:] / tail_sum) * g
+        out = e_tail * tail_coef.to(e_tail.dtype)
+        out.scatter_(1, idx, ((mass * log_ps[:, :-1].exp() - p_t[:, :-1]) * g).to(e_tail.dtype))
+        out[:, 0] = 0.0
+        return out.to(ctx.dtype), None, None, None
+
+
+class _FullRowKL(torch.autograd.Function):
+    """KL(teacher || student) over all items from a stored fp16 teacher row, per sample; the same formula as
+    `losses.kd_kl`, forward and backward written out for the hot loop (a third of the passes autograd makes)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        lt = teacher.to(dtype).mul_(1.0 / T).clamp_(min=_EXP_FLOOR)  # rows are stored max-shifted: the max is 0
+        p_t = lt.exp()
+        total_t = p_t.sum(dim=1, keepdim=True)
+        p_t.div_(total_t)
+        log_pt = lt.sub_(total_t.log_())
+        z = logits.detach().to(dtype) * (1.0 / T)  # full width, so the gradient needs no copy into place
+        z[:, 0] = float("-inf")
+        z = z.sub_(z.amax(dim=1, keepdim=True))
+        p_s = z.clamp(min=_EXP_FLOOR).exp_()
+        p_s[:, 0] = 0.0
+        total = p_s.sum(dim=1, keepdim=True)
+        p_s.div_(total)
+        log_ps = z.sub_(total.log_())[:, 1:]
+        kl = log_pt.sub_(log_ps).mul_(p_t).sum(dim=1)
+        ctx.save_for_backward(p_t, p_s)
+        ctx.T, ctx.dtype = T, logits.dtype
+        return kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        p_t, p_s = ctx.saved_tensors  # used once: overwritten in place
+        g = (grad / ctx.T)[:, None]
+        mass = p_t.sum(dim=1, keepdim=True)  # 1 up to rounding
+        out = p_s.mul_(mass * g)
+        out[:, 1:].sub_(p_t.mul_(g))
+        return out.to(ctx.dtype), None, None
 
 
 class TeacherCache:
@@ -290,7 +371,7 @@ class TeacherCacheReader:
     def kl(self, student_logits: torch.Tensor, rows: torch.Tensor, t_squared: bool = False) -> torch.Tensor:
         """Per-sample KL(teacher || student) at the cache's temperature: shape [b], differentiable in the student.
 
-        `student_logits` [b, n_items + 1] (score_all layout) for cache rows `rows` [b]. Mode full: `kd_kl` on
+        `student_logits` [b, n_items + 1] (score_all layout) for cache rows `rows` [b]. Mode full: `kd_kl`'s formula on
         the stored fp16 rows. Mode topk: the KL between the teacher and the student both coarsened to k + 1
         buckets (the teacher's top-k items, and one tail bucket with the rest of the mass; the student's tail
         is the logsumexp over the other items). By the data-processing inequality this is a lower bound of
@@ -303,17 +384,13 @@ class TeacherCacheReader:
             raise ValueError(f"{len(r)} cache rows for {student_logits.shape[0]} student rows")
         dev, T = student_logits.device, self.temperature
         if self.mode == "full":
-            teacher = self._get("logits", r, dev).float()
-            return kd_kl(student_logits[:, 1:], teacher, T, t_squared=t_squared, ignore_first_column=False)
+            kl = _FullRowKL.apply(student_logits, self._get("logits", r, dev), T)
+            return kl * (T ** 2) if t_squared else kl
         idx = self._get("topk_idx", r, dev).long()
         log_tail = self._get("log_tail", r, dev)[:, None]
         log_top = F.log_softmax(self._get("topk_val", r, dev).float() / T, dim=1) + _log1mexp(log_tail)
         log_pt = torch.cat([log_top, log_tail], dim=1)
-        s = student_logits.float() / T
-        lse = s[:, 1:].logsumexp(dim=1, keepdim=True)
-        s_tail = s.scatter(1, idx, float("-inf"))[:, 1:].logsumexp(dim=1, keepdim=True)
-        log_ps = torch.cat([s.gather(1, idx), s_tail], dim=1) - lse
-        kl = kl_from_log_probs(log_pt, log_ps)
+        kl = _TopKBucketKL.apply(student_logits, idx, log_pt, T)
         return kl * (T ** 2) if t_squared else kl
 
     def target_ranks(self, rows: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:

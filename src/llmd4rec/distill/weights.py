@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ..evaluation import count_at_least
+
 
 @torch.no_grad()
 def target_ranks(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -22,10 +24,9 @@ def target_ranks(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if targets.numel() and (int(targets.min()) < 1 or int(targets.max()) >= logits.shape[1]):
         raise ValueError(f"targets must be item ids in 1..{logits.shape[1] - 1}")
     t = torch.nan_to_num(logits.gather(1, targets[:, None]), nan=-math.inf)
-    at_least = logits >= t
-    at_least[:, 0] = False
-    at_least.scatter_(1, targets[:, None], False)
-    return at_least.sum(dim=1)
+    # count every column at least as high, then take back column 0 and the target itself (no [S, N] copies)
+    count = count_at_least(logits, t)
+    return count - (logits[:, :1] >= t).squeeze(1).long() - (logits.gather(1, targets[:, None]) >= t).squeeze(1).long()
 
 
 def _as_float(r: torch.Tensor) -> torch.Tensor:
