@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from llmd4rec.config import load_config
+from llmd4rec.distill import loop
 from llmd4rec.evaluation import evaluate_split
 from llmd4rec.io import save_tensors
 from llmd4rec.models.sasrec import SASRec
@@ -25,6 +26,7 @@ from llmd4rec.testing import save_tiny_backbone
 from llmd4rec.training import crm, llm
 
 METRICS = [f"{m}@{k}" for m in ("HR", "NDCG", "MRR") for k in (5, 10, 20)]
+RECIPES = {"crm": crm, "llm": llm, "distill": loop}
 
 
 def _free_port() -> int:
@@ -37,7 +39,7 @@ def _worker(rank: int, world: int, port: int, recipe: str, config: str | None, o
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
-    (crm if recipe == "crm" else llm).run(load_config(config, overrides))
+    RECIPES[recipe].run(load_config(config, overrides))
 
 
 def _spawn(recipe: str, config: str | None, overrides: list[str], world: int = 2) -> None:
@@ -48,7 +50,7 @@ def _single(recipe: str, config: str | None, overrides: list[str]) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return (crm if recipe == "crm" else llm).run(load_config(config, overrides))
+        return RECIPES[recipe].run(load_config(config, overrides))
     finally:
         torch.set_num_threads(threads)
 
@@ -94,11 +96,13 @@ def test_sasrec_lastfm_two_processes_match_one(shared_data, tmp_path):
     assert _single_process_eval(model, split, cfg) == {"valid": b["valid"], "test": b["test"]}
 
 
-def test_tiny_e4srec_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_tiny_e4srec_two_processes_match_one(tmp_path, parallel):
     """A random 2-layer Qwen2 through the LLM recipe, 2 epochs with gradient accumulation over 2 micro-batches
     (DDP skips the all-reduce on the first); batches of 17 samples end each epoch with a single user, so one rank's
-    shard is empty. Tolerance: loss within 1e-4 relative, validation metrics within one user's worth (1 / 60); the
-    2-process evaluation of the best checkpoint equals the 1-process one exactly."""
+    shard is empty. With FSDP each rank holds half of every layer, the prompt runs inline in the packed rows, and
+    checkpoints are gathered into full tensors. Tolerance: loss within 1e-4 relative, validation metrics within one
+    user's worth (1 / 60); the 2-process evaluation of the best checkpoint equals the 1-process one exactly."""
     backbone = save_tiny_backbone(tmp_path / "qwen2-tiny")
     data = ["data.synthetic_users=60", "data.synthetic_items=40", "crm.hidden=16", "crm.max_len=10"]
     cfg_crm = load_config(None, data)
@@ -109,10 +113,11 @@ def test_tiny_e4srec_two_processes_match_one(tmp_path):
                         "llm_train.grad_accum=2", f"crm_run={tmp_path / 'crm-run'}", f"run_dir={tmp_path}",
                         "device=cpu"]
     one = _single("llm", None, overrides + ["run_name=one"])
-    _spawn("llm", None, overrides + ["run_name=two"])
+    _spawn("llm", None, overrides + ["run_name=two", f"llm_train.fsdp={parallel == 'fsdp'}"])
     two = tmp_path / "two"
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
     a, b = _results(one), _results(two)
+    assert (b["world_size"], b["fsdp"]) == (2, parallel == "fsdp")
     for k in METRICS:
         assert abs(a["valid"][k] - b["valid"][k]) <= 1 / 60, k
 
@@ -120,3 +125,69 @@ def test_tiny_e4srec_two_processes_match_one(tmp_path):
     dataset, split = load_data(cfg)
     model = llm.load_llm(two, dataset.n_items, cfg)
     assert _single_process_eval(model, split, cfg) == {"valid": b["valid"], "test": b["test"]}
+
+
+def test_distill_round_two_processes_match_one(tmp_path):
+    """The whole LLMD4Rec loop (SASRec and E4SRec baselines, one downward and one upward phase with their teacher
+    caches) on 2 processes: one run folder written by rank 0, every phase's metrics within one user's worth (1 / 80)
+    of the single-process run, and the same caches."""
+    backbone = save_tiny_backbone(tmp_path / "qwen2-tiny")
+    overrides = ["data.synthetic_users=80", "data.synthetic_items=50", "crm.hidden=16", "crm.dropout=0",
+                 "crm.max_len=10", "llm.max_len=10", f"llm.backbone={backbone}", "llm.keep_layers=null",
+                 "llm.lora_dropout=0", "crm_train.epochs=2", "crm_train.batch_size=24", "llm_train.epochs=1",
+                 "llm_train.batch_size=20", "llm_train.max_targets_per_user=3", "distill.rounds=1",
+                 "distill.crm_epochs=1", "distill.cache_topk=8", f"run_dir={tmp_path}", "device=cpu"]
+    one = _single("distill", None, overrides + ["run_name=one"])
+    _spawn("distill", None, overrides + ["run_name=two"])
+    two = tmp_path / "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "qwen2-tiny", "two"]  # one folder per run
+    a, b = _results(one), _results(two)
+    assert b["world_size"] == 2
+    for row in a["rows"]:
+        for w in ("valid", "test"):
+            for k in METRICS:
+                assert abs(a["rows"][row][w][k] - b["rows"][row][w][k]) <= 1 / 80, (row, w, k)
+    for phase in ("crm0", "llm0", "round1-down", "round1-up"):
+        assert (two / phase / "done.json").exists(), phase
+        assert sorted(f.name for f in (two / phase).glob("rng*.safetensors")) == \
+            ["rng.rank0-of-2.safetensors", "rng.rank1-of-2.safetensors"]
+    for cache in ("round1-cache-crm", "round1-cache-llm"):
+        ha = json.loads((one / cache / "header.json").read_text())
+        hb = json.loads((two / cache / "header.json").read_text())
+        assert ha["n_samples"] == hb["n_samples"] and ha["mode"] == hb["mode"]
+    lines = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in lines if r["phase"] in ("baselines", "rounds")] == ["baselines", "rounds"]
+
+
+@pytest.mark.parametrize("env, capable, message", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, True, "DeepSpeed"),
+    ({"ACCELERATE_USE_FSDP": "true"}, False, "only train-llm"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, True, "version 2"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"}, True, "fsdp_offload_params"),
+    ({"ACCELERATE_MIXED_PRECISION": "bf16"}, True, "mixed_precision"),
+])
+def test_launch_modes_a_recipe_does_not_implement_are_refused(monkeypatch, env, capable, message):
+    from llmd4rec import distributed
+    from llmd4rec.errors import InputError
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(InputError, match=message):
+        with distributed.session("cpu", fsdp_capable=capable):
+            pass
+
+
+def test_fsdp_launch_is_accepted_by_the_llm_recipe(monkeypatch):
+    """What accelerate launch sets for configs/accelerate/fsdp_7b.yaml passes the LLM recipe's checks."""
+    import yaml
+
+    from llmd4rec import distributed
+
+    fsdp = yaml.safe_load(open("configs/accelerate/fsdp_7b.yaml"))["fsdp_config"]
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", str(fsdp["fsdp_version"]))
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", str(fsdp["fsdp_offload_params"]).lower())
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", str(fsdp["fsdp_activation_checkpointing"]).lower())
+    with distributed.session("cpu", fsdp_capable=True) as device:
+        assert device.type == "cpu"
+    assert not distributed.use_fsdp(False)  # one process: nothing to shard over

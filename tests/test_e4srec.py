@@ -105,9 +105,13 @@ def test_all_prefix_matches_per_prefix(tokenizer, arch, attn, pack_tokens):
         some = model.prefix_logits(HIST, rows[pick], cols[pick])
         model.cfg.all_prefix = False
         slow = model.prefix_logits(HIST, rows, cols)
+        model.cfg.all_prefix = True
+        model.inline_prompt = True  # the FSDP layout: the prompt inside every packed row
+        inline = model.prefix_logits(HIST, rows, cols)
     assert torch.allclose(fast, ref, atol=1e-4)
     assert torch.allclose(some, ref[pick], atol=1e-4)
     assert torch.allclose(slow, ref, atol=1e-4)
+    assert torch.allclose(inline, ref, atol=1e-4)
 
 
 def test_all_prefix_gradients_match_plain(tokenizer):

@@ -60,6 +60,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_targets_per_user: int = 50
     seed: int = 42
+    fsdp: bool = False  # LLM under torchrun: shard the backbone with FSDP (accelerate launch sets it from its config)
 
 
 @dataclass

@@ -41,10 +41,11 @@ def barrier() -> None:
 
 
 @contextmanager
-def session(device_name: str) -> Iterator[torch.device]:
+def session(device_name: str, fsdp_capable: bool = False) -> Iterator[torch.device]:
     """This process's device; when launched with WORLD_SIZE > 1 also the process group (nccl on GPUs, gloo on CPU),
-    destroyed on exit unless it existed before. Each process takes the GPU numbered by its LOCAL_RANK."""
-    _refuse_unsupported_accelerate_modes()
+    destroyed on exit unless it existed before. Each process takes the GPU numbered by its LOCAL_RANK.
+    fsdp_capable: the recipe shards with FSDP when asked (`use_fsdp`); the others refuse an FSDP launch."""
+    _refuse_unsupported_accelerate_modes(fsdp_capable)
     device = pick_device(device_name)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield device
@@ -62,13 +63,30 @@ def session(device_name: str) -> Iterator[torch.device]:
             dist.destroy_process_group()
 
 
-def _refuse_unsupported_accelerate_modes() -> None:
-    """`accelerate launch` passes its config as environment variables that only an Accelerator reads; the recipes
-    run plain DDP, so a launch asking for sharding or autocast would silently get neither: refuse it instead."""
-    for flag, mode in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(flag, "").lower() == "true":
-            raise InputError(f"the recipes train with DistributedDataParallel and do not implement {mode}: launch with "
-                             "configs/accelerate/ddp_multi_gpu.yaml or torchrun")
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("true", "1")
+
+
+def _env_false(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("false", "0")
+
+
+def _refuse_unsupported_accelerate_modes(fsdp_capable: bool) -> None:
+    """`accelerate launch` passes its config as environment variables that only an Accelerator reads; a launch
+    asking for a mode a recipe does not implement would silently get plain DDP: refuse it instead."""
+    if _env_true("ACCELERATE_USE_DEEPSPEED"):
+        raise InputError("the recipes do not implement DeepSpeed: for sharding use FSDP with train-llm "
+                         "(configs/accelerate/fsdp_7b.yaml), otherwise configs/accelerate/ddp_multi_gpu.yaml")
+    if _env_true("ACCELERATE_USE_FSDP"):
+        if not fsdp_capable:
+            raise InputError("only train-llm shards with FSDP (the LLM backbone is what outgrows one GPU): launch "
+                             "train-crm and distill with configs/accelerate/ddp_multi_gpu.yaml or torchrun")
+        if os.environ.get("FSDP_VERSION", "2") != "2":
+            raise InputError("the LLM recipe shards with FSDP version 2 (torch's fully_shard): set fsdp_version: 2")
+        for flag, key in (("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params"),
+                          ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing")):
+            if _env_true(flag):
+                raise InputError(f"{key} is not implemented by the LLM recipe: set {key}: false")
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if precision != "no":
         raise InputError(f"accelerate's mixed_precision={precision} is not applied by the recipes: set it to 'no' "
@@ -146,3 +164,61 @@ def ddp(module: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel:
     no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
         "broadcast_buffers"
     return DDP(module, **{no_sync: False})
+
+
+# ---- FSDP (train-llm): torch's fully_shard, one decoder layer per unit ----
+
+def use_fsdp(requested: bool) -> bool:
+    """FSDP when several processes run and either the config (llm_train.fsdp) or `accelerate launch` asks for it."""
+    return world_size() > 1 and (requested or _env_true("ACCELERATE_USE_FSDP"))
+
+
+def shard_model(model) -> None:
+    """Shard E4SRec's decoder layers and then the rest (embeddings, W_in, W_out) over the ranks, in place.
+
+    A layer's full weights exist only while it runs forward or backward. The prompt goes inline into every packed
+    row, so that each layer runs once per step (the KV-cache pass would run it twice, and FSDP frees a layer's
+    weights after its first backward)."""
+    from torch.distributed.fsdp import fully_shard
+
+    reshard = not _env_false("FSDP_RESHARD_AFTER_FORWARD")  # false: ZeRO-2-like, weights kept until backward
+    for layer in model.decoder.layers:
+        fully_shard(layer, reshard_after_forward=reshard)
+    fully_shard(model, reshard_after_forward=reshard)
+    model.inline_prompt = True
+
+
+def _fsdp_units(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextmanager
+def gathered(model) -> Iterator[None]:
+    """Full weights on every rank for the block (evaluation): each rank then scores its own user batches without
+    the lock-step collectives a sharded forward needs. A no-op for a model that is not sharded."""
+    units = _fsdp_units(model)
+    for m in units:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(True)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) parameter or optimizer state as one full tensor on every rank (a collective)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A full tensor laid out like `param`: this rank's shard when param is sharded, else full unchanged."""
+    if not hasattr(param, "device_mesh"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements)

@@ -1,7 +1,8 @@
 """Full-ranking evaluation: batched users, chunked items, pessimistic ties, exclude-seen recorded with every number.
 
 A model is anything with `encode(histories) -> state` and `score_items(state, lo, hi) -> [B, hi - lo]`
-scores for internal item ids lo..hi-1 (id 0 is padding and never ranked), plus an optional `max_len`.
+scores for internal item ids lo..hi-1 (id 0 is padding and never ranked), plus an optional `max_len` and an optional
+`trims_padding` (True: its cost follows the longest history in a batch, so users are batched by length).
 """
 
 from __future__ import annotations
@@ -82,10 +83,15 @@ def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int]
     ic = items_per_chunk or ic
     ranks = np.zeros(n, dtype=np.int64)
     world, me = distributed.world_size(), distributed.rank()
-    # users of similar history length batch together: a model that trims padding (E4SRec) then runs short rows
-    order = np.argsort([min(len(h), max_len or len(h)) for h in inputs], kind="stable")
+    order = np.arange(n)
+    if getattr(model, "trims_padding", False):  # its cost follows the longest history of a batch: batch by length
+        order = np.argsort([min(len(h), max_len or len(h)) for h in inputs], kind="stable")
     targets = list(targets)
-    for start in range(me * ub, n, world * ub):
+    starts = list(range(me * ub, n, world * ub))
+    rounds = math.ceil(math.ceil(n / ub) / world)
+    if world > 1 and len(starts) < rounds:  # every rank runs the model equally often (a sharded model needs it);
+        model.encode(pad_left([inputs[u] for u in order[:ub]], max_len).to(device))  # this extra result is unused
+    for start in starts:
         users = order[start:start + ub]
         hist = [inputs[u] for u in users]
         tgt = torch.as_tensor([targets[u] for u in users], dtype=torch.long)

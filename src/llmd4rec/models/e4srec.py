@@ -88,6 +88,8 @@ class E4SRec(nn.Module):
     """Frozen item table -> W_in -> LoRA'd decoder -> W_out. Trainable: LoRA, W_in, W_out."""
 
     pack_tokens = 512  # all-prefix row length that users are packed into; attention cost grows with its square
+    inline_prompt = False  # set under FSDP (distributed.shard_model): no separate prompt pass in training
+    trims_padding = True  # encode drops all-padding columns: evaluation batches users of similar length together
 
     def __init__(self, cfg: E4SRecConfig, item_embeddings: torch.Tensor, backbone=None, tokenizer=None):
         super().__init__()
@@ -255,9 +257,23 @@ class E4SRec(nn.Module):
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=dev)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
 
-        hidden = self._decode(packed(embeds, 0), mask[:, None], packed(pos, 0), self._prompt_cache(len(sizes)))
+        if self.inline_prompt:
+            hidden = self._decode_with_inline_prompt(packed(embeds, 0), mask, packed(pos, 0))
+        else:
+            hidden = self._decode(packed(embeds, 0), mask[:, None], packed(pos, 0), self._prompt_cache(len(sizes)))
         last = len(item_rows) + torch.arange(n, device=dev) * r + r - 1  # each copy's last response token
         return hidden[tok_bin[last], slot[last]]
+
+    def _decode_with_inline_prompt(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+                                   ) -> torch.Tensor:
+        """The prompt at the head of every packed row instead of a KV cache from a separate pass: each decoder
+        layer then runs once per step, which FSDP needs (its parameters are freed after a layer's backward)."""
+        b, length, p = embeds.shape[0], embeds.shape[1], len(self.prompt_ids)
+        head = torch.full((b, p, p + length), torch.finfo(self.dtype).min, dtype=mask.dtype, device=mask.device)
+        head[:, :, :p] = head[:, :, :p].triu(1)  # the prompt sees itself causally and nothing else
+        full_mask = torch.cat([head, mask], 1)[:, None]
+        full_pos = torch.cat([torch.arange(p, device=positions.device).expand(b, p), positions], 1)
+        return self._decode(torch.cat([self._tokens(self.prompt_ids, b), embeds], 1), full_mask, full_pos)[:, p:]
 
     def prefix_hidden(self, histories: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden state [B, L, D] of every prefix histories[b, :t+1] (zeros where padded or not in `select`)."""
@@ -294,10 +310,15 @@ class E4SRec(nn.Module):
         self.item_table.copy_(item_embeddings.detach())
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """LoRA + W_in + W_out: all a checkpoint needs besides the backbone and the CRM's item table."""
-        return {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}
+        """LoRA + W_in + W_out: all a checkpoint needs besides the backbone and the CRM's item table. Under FSDP every
+        rank must call it (the shards are gathered)."""
+        from ..distributed import full_tensor
+
+        return {k: full_tensor(v.detach()) for k, v in self.named_parameters() if v.requires_grad}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from ..distributed import like
+
         own = dict(self.named_parameters())
         expected = {k for k, v in own.items() if v.requires_grad}
         if set(state) != expected:
@@ -308,4 +329,4 @@ class E4SRec(nn.Module):
                 if v.shape != own[k].shape:
                     raise InputError(f"checkpoint tensor {k} has shape {tuple(v.shape)}, "
                                      f"this E4SRec needs {tuple(own[k].shape)}")
-                own[k].copy_(v)
+                own[k].copy_(like(v.to(own[k].device), own[k]))

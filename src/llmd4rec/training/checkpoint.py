@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import full_tensor, like
 from ..errors import InputError
 from ..io import atomic_write_bytes, atomic_write_json, load_tensors, read_json, read_sidecar, save_tensors, \
     write_error
@@ -29,12 +30,13 @@ _FAILED: set[tuple[str, str]] = set()  # (folder, tag) found damaged by load_che
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state as flat tensors + JSON. Sharded (FSDP) moments are gathered: every rank must call it."""
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for pid, state in sd["state"].items():
         for name, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"opt.{pid}.{name}"] = value
+                tensors[f"opt.{pid}.{name}"] = full_tensor(value)
             else:
                 scalars[f"{pid}.{name}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -42,10 +44,12 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
 
 def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     state: dict[int, dict[str, Any]] = {}
+    params = [p for group in opt.param_groups for p in group["params"]]
     for key, value in tensors.items():
         if key.startswith("opt."):
             _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
+            p = params[int(pid)]
+            state.setdefault(int(pid), {})[name] = like(value, p) if value.shape == p.shape else value
     for key, value in meta["scalars"].items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
@@ -130,9 +134,11 @@ def _rotate(folder: Path, tag: str) -> None:
 
 
 def save_checkpoint(folder: Path, tag: str, weights: dict[str, torch.Tensor],
-                    opt: torch.optim.Optimizer | None = None, state: dict[str, Any] | None = None,
+                    opt: torch.optim.Optimizer | tuple | None = None, state: dict[str, Any] | None = None,
                     generators: dict[str, torch.Generator] | None = None, keep_previous: bool | None = None) -> None:
     """Writes <tag>.safetensors (weights), then <tag>.state.safetensors + <tag>.json; the JSON is the commit point.
+
+    opt: the optimizer, or its `optimizer_tensors` already taken (under FSDP every rank gathers, rank 0 writes).
 
     keep_previous (default: only for tag "last"): first keep the current <tag> as <tag>.prev, the fallback of
     `load_checkpoint`. A failed write (disk full, permissions) raises InputError; the files already on disk stay.
@@ -152,7 +158,7 @@ def save_checkpoint(folder: Path, tag: str, weights: dict[str, torch.Tensor],
     for name, g in (generators or {}).items():
         extra[f"rng.{name}"] = g.get_state()
     if opt is not None:
-        t, m = optimizer_tensors(opt)
+        t, m = opt if isinstance(opt, tuple) else optimizer_tensors(opt)
         extra.update(t)
         meta["optimizer"] = m
     digest_s = save_tensors(folder / f"{tag}.state.safetensors", extra)

@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from .. import distributed
 from ..config import Config, TrainConfig
 from ..data.dataset import Split, all_positions
+from ..errors import InputError
 from ..evaluation import evaluate_split
 from ..io import load_tensors
 from ..pretrained import load_crm, load_data
 from ..runs import format_table, log_metrics, make_run_dir, seed_everything, truncate_metrics, write_results
-from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import has_checkpoint, load_checkpoint, optimizer_tensors, save_checkpoint
 
 KDHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """kd(rows [S], cols [S], logits [S, N+1], targets [S]) -> scalar loss added to the cross-entropy."""
@@ -85,6 +86,11 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
     device = model.w_out.weight.device
     folder = run_dir / phase
     world, main = distributed.world_size(), distributed.is_main()
+    fsdp = distributed.use_fsdp(tc.fsdp)
+    if fsdp:
+        if kd is not None or keep_start:
+            raise InputError("distillation runs with DDP: launch distill without FSDP")
+        distributed.shard_model(model)  # before the optimizer: it must hold the sharded parameters
     inputs, targets = sample_grid(split.train, model.max_len, tc.max_targets_per_user)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -112,7 +118,19 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
     forward = model.prefix_logits
     if world > 1:
         distributed.offset_rng()
-        forward = distributed.ddp(model)
+        forward = model if fsdp else distributed.ddp(model)
+
+    def evaluate(which: str) -> dict:
+        with distributed.gathered(model):
+            return evaluate_split(model, split, cfg.eval, which, device)
+
+    def checkpoint(tag: str, state: dict, with_optimizer: bool) -> None:
+        """Every rank gathers (FSDP), rank 0 writes."""
+        weights = model.trainable_state_dict()
+        opt_state = optimizer_tensors(opt) if with_optimizer else None
+        if main:
+            save_checkpoint(folder, tag, weights, opt_state, state, {"train": gen} if with_optimizer else None)
+
     while epoch <= tc.epochs:
         epoch_gen_state = gen.get_state()
         batches = user_batches(targets, torch.randperm(len(targets), generator=gen), tc.batch_size)
@@ -122,14 +140,19 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
             users = batches[b]
             stepping = (b + 1) % tc.grad_accum == 0 or b + 1 == len(batches)
             n_batch = 0
+            weight = 1.0
             if world > 1:
                 counts = (targets[users] > 0).sum(1)
                 lo, hi = distributed.shard(counts)
+                if fsdp and lo == hi:  # a sharded forward is a collective: run one user, counted 0 times
+                    lo, hi, weight = 0, 1, 0.0
                 users, n_batch = users[lo:hi], int(counts.sum())
             x, y = inputs[users].to(device), targets[users].to(device)
             rows, cols = (y > 0).nonzero(as_tuple=True)
             # between optimizer steps DDP need not all-reduce: the last micro-batch reduces the accumulated sum
-            with forward.no_sync() if world > 1 and not stepping else nullcontext():
+            if fsdp:
+                model.set_requires_gradient_sync(stepping)
+            with forward.no_sync() if world > 1 and not fsdp and not stepping else nullcontext():
                 logits = forward(x, rows, cols)
                 logits[:, 0] = float("-inf")
                 tgt = y[rows, cols]
@@ -137,7 +160,7 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
                     loss = F.cross_entropy(logits, tgt, reduction="sum") / n_batch
                     if kd is not None and len(tgt):
                         loss = loss + kd(users[rows.cpu()], cols.cpu(), logits, tgt) * (len(tgt) / n_batch)
-                    scaled = loss * world
+                    scaled = loss * (world * weight)
                     if len(tgt) == 0:
                         scaled = scaled + distributed.touch(params)
                 else:
@@ -155,15 +178,14 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-            total += loss.item() * (n_batch if world > 1 else len(tgt))
-            seen += len(tgt)
+            total += loss.item() * (n_batch * weight if world > 1 else len(tgt))
+            seen += int(len(tgt) * weight)
             if save_every and (b + 1) % save_every == 0 and (b + 1) % tc.grad_accum == 0 and b + 1 < len(batches):
                 gen_now = gen.get_state()
                 gen.set_state(epoch_gen_state)  # resuming replays this epoch's order, then skips done batches
+                checkpoint("last", {"epoch": epoch, "step": b + 1, "best": best, "bad": bad, "best_epoch": best_epoch,
+                                    "sched": sched.last_epoch, "best_valid": best_valid}, True)
                 if main:
-                    save_checkpoint(folder, "last", model.trainable_state_dict(), opt,
-                                    {"epoch": epoch, "step": b + 1, "best": best, "bad": bad, "best_epoch": best_epoch,
-                                     "sched": sched.last_epoch, "best_valid": best_valid}, {"train": gen})
                     print(f"{phase} epoch {epoch} step {b + 1}/{len(batches)}: loss {total / max(seen, 1):.4f}, "
                           f"{seen / (time.perf_counter() - t0):.1f} samples/s", flush=True)
                 gen.set_state(gen_now)
@@ -173,20 +195,19 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
         record = {"phase": phase, "epoch": epoch, "loss": total / max(seen, 1),
                   "epoch_seconds": time.perf_counter() - t0, "samples": seen}
         model.eval()
-        valid_m = evaluate_split(model, split, cfg.eval, "valid", device)
+        valid_m = evaluate("valid")
         record["valid"] = valid_m
         if valid_m["NDCG@10"] > best:
             best, bad, best_epoch, best_valid = valid_m["NDCG@10"], 0, epoch, valid_m
-            if main:
-                save_checkpoint(folder, "best", model.trainable_state_dict(), state={"epoch": epoch, "valid": valid_m})
+            checkpoint("best", {"epoch": epoch, "valid": valid_m}, False)
         else:
             bad += 1
         stop = bad >= tc.patience
         if main:
-            log_metrics(run_dir, record)
-            save_checkpoint(folder, "last", model.trainable_state_dict(), opt,
-                            {"epoch": epoch + 1, "step": 0, "best": best, "bad": bad, "best_epoch": best_epoch,
-                             "sched": sched.last_epoch, "stopped": stop, "best_valid": best_valid}, {"train": gen})
+            log_metrics(run_dir, record)  # before the checkpoint: a resume from it must find this epoch logged
+        checkpoint("last", {"epoch": epoch + 1, "step": 0, "best": best, "bad": bad, "best_epoch": best_epoch,
+                            "sched": sched.last_epoch, "stopped": stop, "best_valid": best_valid}, True)
+        if main:
             print(f"{phase} epoch {epoch}: loss {record['loss']:.4f}, {record['epoch_seconds']:.0f}s, "
                   f"valid NDCG@10 {valid_m['NDCG@10']:.4f}", flush=True)
         epoch, step = epoch + 1, 0
@@ -195,8 +216,7 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
     distributed.barrier()  # rank 0's last checkpoint is on disk before anyone reads it
     model.load_trainable_state_dict(load_tensors(folder / "best.safetensors"))
     model.eval()
-    return {"valid": best_valid or evaluate_split(model, split, cfg.eval, "valid", device),
-            "test": evaluate_split(model, split, cfg.eval, "test", device), "best_epoch": best_epoch}
+    return {"valid": best_valid or evaluate("valid"), "test": evaluate("test"), "best_epoch": best_epoch}
 
 
 def crm_item_table(cfg: Config, n_items: int) -> torch.Tensor:
@@ -218,7 +238,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
     """`llmd4rec train-llm`: SASRec item table -> E4SRec -> early-stopped LoRA training -> test metrics."""
     from ..io import save_tensors
 
-    with distributed.session(cfg.device) as device:
+    with distributed.session(cfg.device, fsdp_capable=True) as device:
         run_dir = distributed.on_main(lambda: make_run_dir(cfg, "e4srec", resume))
         seed_everything(cfg.seed)
         table_path = run_dir / "llm" / "item_table.safetensors"
@@ -238,7 +258,9 @@ def run(cfg: Config, resume: str | None = None) -> Path:
             keys = [f"{m}@{k}" for m in ("HR", "NDCG") for k in cfg.eval.ks]
             results = {"model": "E4SRec", "dataset": dataset.name, "backbone": cfg.llm.backbone,
                        "keep_layers": cfg.llm.keep_layers, "exclude_seen": cfg.eval.exclude_seen,
-                       "eval_mode": cfg.eval.mode, "train_seconds": time.perf_counter() - t0, **metrics}
+                       "eval_mode": cfg.eval.mode, "train_seconds": time.perf_counter() - t0,
+                       "world_size": distributed.world_size(),
+                       "fsdp": distributed.use_fsdp(cfg.llm_train.fsdp), **metrics}
             write_results(run_dir, results, format_table({"E4SRec": metrics["test"]}, keys))
             print(format_table({"E4SRec": metrics["test"]}, keys), flush=True)
         distributed.barrier()
