@@ -70,6 +70,7 @@ def speed_tables() -> str:
     if up:
         parts.append(f"\n| upward phase, one SASRec epoch on {up['dataset']} | seconds |\n|---|---|")
         parts += [f"| {k} | {_f(v.get('epoch_seconds', v.get('seconds')), 1)} |" for k, v in up["rows"].items()]
+        parts.append(f"| cached teacher / plain | {_f(up['cached_over_plain'], 2)}x |")
     return "\n".join(parts)
 
 
@@ -91,6 +92,7 @@ TABLES = {
                                       ("SASRec (CE), Toys", "sasrec_toys"),
                                       ("SASRec (CE), LastFM", "sasrec_lastfm"),
                                       ("E4SRec (CPU preset), Beauty", "e4srec_beauty_cpu")]),
+    "llmd4rec_beauty": lambda: distill_table("llmd4rec_beauty_cpu"),
     "llmd4rec_lastfm": lambda: distill_table("llmd4rec_lastfm_cpu"),
     "speed": speed_tables,
     "serve": serve_table,

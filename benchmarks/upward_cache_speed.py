@@ -37,10 +37,9 @@ def online_hook(teacher, inputs: torch.Tensor, index: torch.Tensor, cfg):
     def kd(users, cols, logits, targets):
         covered = index[users, cols] >= 0
         u, c = users[covered], cols[covered]
-        with torch.no_grad():
-            hist = inputs[u]
-            rows = torch.arange(len(u))
-            teacher_logits = teacher.prefix_logits(hist, rows, c)
+        with torch.no_grad():  # the batch's users once each, all their prefixes in one pass: as the cache is built
+            batch_users, rows = torch.unique(u, return_inverse=True)
+            teacher_logits = teacher.prefix_logits(inputs[batch_users], rows, c)
             teacher_logits[:, 0] = float("-inf")
         kl = kd_kl(logits[covered], teacher_logits, d.t2, d.t_squared)
         w = weights_llm_to_crm(target_ranks(logits[covered].detach(), targets[covered]),

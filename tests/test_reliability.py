@@ -416,3 +416,42 @@ def test_malformed_yaml_values_in_files_are_input_errors(tmp_path, value):
 
 def test_config_path_that_is_a_folder_is_an_input_error(tmp_path):
     _load_or_input_error(tmp_path)
+
+
+def test_llm_killed_mid_epoch_resumes_to_the_uninterrupted_record(tmp_path, tiny_backbone_dir):
+    """E4SRec stopped right after its mid-epoch checkpoint (batch 50 of about 100) and resumed: the epoch's logged
+    loss covers the whole epoch, and loss and validation metrics equal those of a run that was never stopped."""
+    from llmd4rec.models.sasrec import SASRec
+    from llmd4rec.training import llm
+
+    data = ["data.synthetic_users=60", "data.synthetic_items=40", "crm.hidden=16", "crm.max_len=10"]
+    torch.manual_seed(0)
+    save_tensors(tmp_path / "crm-run" / "crm" / "best.safetensors",
+                 SASRec(40, load_config(None, data).crm).state_dict())
+    overrides = data + [f"llm.backbone={tiny_backbone_dir}", "llm.keep_layers=null", "llm.max_len=10",
+                        "llm_train.epochs=1", "llm_train.batch_size=2", "llm_train.max_targets_per_user=4",
+                        f"crm_run={tmp_path / 'crm-run'}", f"run_dir={tmp_path}", "device=cpu"]
+    whole = llm.run(load_config(None, overrides + ["run_name=whole"]))
+
+    real_save = llm.save_checkpoint
+
+    def killed_after_mid_epoch_save(folder, tag, *args, **kwargs):
+        real_save(folder, tag, *args, **kwargs)
+        if tag == "last" and args[2]["step"] == 50:
+            raise KeyboardInterrupt
+
+    llm.save_checkpoint = killed_after_mid_epoch_save
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            llm.run(load_config(None, overrides + ["run_name=stopped"]))
+    finally:
+        llm.save_checkpoint = real_save
+    stopped = tmp_path / "stopped"
+    llm.run(load_config(stopped / "config.yaml", []), resume=str(stopped))
+
+    def record(run):
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        (only,) = [r for r in lines if r.get("phase") == "llm"]
+        return only["loss"], only["samples"], only["valid"]
+
+    assert record(stopped) == record(whole)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,22 +64,28 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                                      "exclude_seen": cfg.eval.exclude_seen, "metrics": results})
 
 
+def _run_folder(path: Path) -> None:
+    """Printed once: under torchrun every process returns here, after its process group is gone."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"run folder: {path}")
+
+
 def cmd_train_crm(args: argparse.Namespace) -> None:
     from .training import crm
 
-    print(f"run folder: {crm.run(_config(args), args.resume)}")
+    _run_folder(crm.run(_config(args), args.resume))
 
 
 def cmd_train_llm(args: argparse.Namespace) -> None:
     from .training import llm
 
-    print(f"run folder: {llm.run(_config(args), args.resume)}")
+    _run_folder(llm.run(_config(args), args.resume))
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
     from .distill import loop
 
-    print(f"run folder: {loop.run(_config(args), args.resume)}")
+    _run_folder(loop.run(_config(args), args.resume))
 
 
 def cmd_plot(args: argparse.Namespace) -> None:

@@ -98,10 +98,12 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
     n_batches = len(user_batches(targets, torch.arange(len(targets)), tc.batch_size))
     sched = cosine_with_warmup(opt, tc.warmup_steps, tc.epochs * math.ceil(n_batches / tc.grad_accum))
     epoch, step, best, bad, best_epoch, best_valid = 1, 0, -1.0, 0, 0, None
+    done_part = (0.0, 0, 0.0)  # loss sum, samples and seconds of the epoch's batches before a mid-epoch resume
     if resume and has_checkpoint(folder, "last"):
         weights, st = load_checkpoint(folder, "last", opt, {"train": gen})
         model.load_trainable_state_dict(weights)
         epoch, step, best, bad, best_epoch = st["epoch"], st["step"], st["best"], st["bad"], st["best_epoch"]
+        done_part = tuple(st.get("done_part", done_part)) if step else done_part
         best_valid = st.get("best_valid")
         sched.load_state_dict({**sched.state_dict(), "last_epoch": st["sched"], "_step_count": st["sched"] + 1})
         if main:
@@ -135,7 +137,8 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
         epoch_gen_state = gen.get_state()
         batches = user_batches(targets, torch.randperm(len(targets), generator=gen), tc.batch_size)
         model.train()
-        t0, total, seen = time.perf_counter(), 0.0, 0
+        total, seen, before = done_part
+        t0, done_part = time.perf_counter() - before, (0.0, 0, 0.0)
         for b in range(step, len(batches)):
             users = batches[b]
             stepping = (b + 1) % tc.grad_accum == 0 or b + 1 == len(batches)
@@ -184,7 +187,8 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
                 gen_now = gen.get_state()
                 gen.set_state(epoch_gen_state)  # resuming replays this epoch's order, then skips done batches
                 checkpoint("last", {"epoch": epoch, "step": b + 1, "best": best, "bad": bad, "best_epoch": best_epoch,
-                                    "sched": sched.last_epoch, "best_valid": best_valid}, True)
+                                    "sched": sched.last_epoch, "best_valid": best_valid,
+                                    "done_part": [total, seen, time.perf_counter() - t0]}, True)
                 if main:
                     print(f"{phase} epoch {epoch} step {b + 1}/{len(batches)}: loss {total / max(seen, 1):.4f}, "
                           f"{seen / (time.perf_counter() - t0):.1f} samples/s", flush=True)
