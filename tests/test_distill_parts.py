@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from llmd4rec.distill import (TeacherCache, kd_kl, target_ranks, weights_crm_to_llm,
                               weights_llm_to_crm)
+from llmd4rec.distill import cache as cache_module
 from llmd4rec.errors import InputError
 
 
@@ -263,9 +264,11 @@ def _coarsened_kl_autograd(student, idx, log_pt, T):
     return (log_pt.exp() * (log_pt - log_ps)).sum(1)
 
 
-def test_topk_kl_fast_path_equals_plain_autograd(tmp_path):
+def test_topk_kl_fast_path_equals_plain_autograd(tmp_path, monkeypatch):
     """The hand-written forward/backward equals the autograd formulation in float64, on ordinary rows, on a
-    row whose student tail mass is ~1e-40 (underflows a max-shifted float32 exp), and on a flat row."""
+    row whose student tail mass is ~1e-40 (underflows a max-shifted float32 exp), and on a flat row; rows are
+    processed in blocks of 2 here, as a large batch is."""
+    monkeypatch.setattr(cache_module, "_BLOCK_ELEMENTS", 802)
     student, teacher, targets = _peaked(12, 400, seed=5)
     student[0, 1:] *= 60  # extreme: nearly all the student's mass on one item
     student[1, 1:] = 0.0
@@ -292,10 +295,17 @@ def test_topk_kl_fast_path_equals_plain_autograd(tmp_path):
     got32.sum().backward()
     assert torch.isfinite(got32).all() and torch.isfinite(s32.grad).all()
     assert torch.allclose(got32.double(), ref.detach(), rtol=1e-4, atol=1e-4)
+    # the student's target ranks come out of the same pass, equal to target_ranks (ties included)
+    tied = student.clone()
+    tied[2, 1:] = tied[2, 1:].round()
+    kl_again, ranks = cache.kl_and_student_ranks(tied, rows, targets)
+    assert torch.equal(ranks, target_ranks(tied, targets)) and torch.allclose(kl_again, cache.kl(tied, rows))
 
 
-def test_full_mode_fast_path_equals_kd_kl_autograd(tmp_path):
-    """Mode full's hand-written forward/backward equals kd_kl through autograd, in float64, on the stored rows."""
+def test_full_mode_fast_path_equals_kd_kl_autograd(tmp_path, monkeypatch):
+    """Mode full's hand-written forward/backward equals kd_kl through autograd, in float64, on the stored rows
+    (in blocks of 3 rows)."""
+    monkeypatch.setattr(cache_module, "_BLOCK_ELEMENTS", 903)
     student, teacher, targets = _peaked(10, 300, seed=6)
     student[0, 1:] *= 40
     cache = _build(tmp_path / "c", teacher, targets, k=8, T=0.2, mode="full")
@@ -310,6 +320,8 @@ def test_full_mode_fast_path_equals_kd_kl_autograd(tmp_path):
     (ref * g_out).sum().backward()
     assert torch.allclose(got, ref, rtol=1e-9, atol=1e-12)
     assert torch.allclose(s.grad, ref_in.grad, rtol=1e-7, atol=1e-12) and (s.grad[:, 0] == 0).all()
+    _, ranks = cache.kl_and_student_ranks(student, rows, targets)
+    assert torch.equal(ranks, target_ranks(student, targets))
 
 
 def test_auto_mode_uses_byte_threshold(tmp_path):

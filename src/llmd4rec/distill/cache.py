@@ -62,25 +62,41 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 _EXP_FLOOR = -80.0
+_BLOCK_ELEMENTS = 1 << 18  # rows are processed in blocks of about 1 MB of floats, so each block's passes hit the cache
+
+
+def _blocks(n_rows: int, width: int) -> list[slice]:
+    rows = max(1, _BLOCK_ELEMENTS // max(width, 1))
+    return [slice(a, min(a + rows, n_rows)) for a in range(0, n_rows, rows)]
 
 
 class _TopKBucketKL(torch.autograd.Function):
     """KL(teacher || student) over k + 1 buckets (the teacher's top-k items and the tail), per sample.
 
-    Written out by hand because this runs for every training position of an upward phase: five passes over the
-    [b, n_items + 1] logits forward and one backward, against about twenty for the same formula in autograd ops.
-    The tail is summed in its own max-shifted exponentials (no 1 - top-k cancellation, no underflow), and the
-    k + 1 bucket log-probabilities are formed in float64.
+    Written out by hand because this runs for every training position of an upward phase: a few passes over the
+    [b, n_items + 1] logits, block by block while the block is in cache, against about twenty full-size passes for
+    the same formula in autograd ops. The tail is summed in its own max-shifted exponentials (no 1 - top-k
+    cancellation, no underflow), and the k + 1 bucket log-probabilities are formed in float64.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, idx: torch.Tensor, log_pt: torch.Tensor, T: float) -> torch.Tensor:
-        z = logits.detach().to(torch.promote_types(logits.dtype, torch.float32)) * (1.0 / T)
-        z[:, 0] = float("-inf")  # padding takes no mass
-        z_top = z.gather(1, idx).double()
-        z.scatter_(1, idx, float("-inf"))  # z now holds the tail items only
-        m_tail = z.amax(dim=1, keepdim=True)
-        e_tail = z.sub_(m_tail).clamp_(min=_EXP_FLOOR).exp_()  # no denormals (slow); < 1e-34 of the max anyway
+    def forward(ctx, logits: torch.Tensor, idx: torch.Tensor, log_pt: torch.Tensor, T: float,
+                targets: torch.Tensor | None):
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        b, width = logits.shape
+        ranks = torch.zeros(b if targets is not None else 0, dtype=torch.long, device=logits.device)
+        e_tail = torch.empty(b, width, dtype=dtype, device=logits.device)
+        z_top = torch.empty(idx.shape, dtype=torch.float64, device=logits.device)
+        m_tail = torch.empty(b, 1, dtype=dtype, device=logits.device)
+        for rows in _blocks(b, width):
+            if targets is not None:  # the student's target ranks while the block is in cache
+                ranks[rows] = target_ranks(logits.detach()[rows], targets[rows])
+            z = logits.detach()[rows].to(dtype) * (1.0 / T)
+            z[:, 0] = float("-inf")  # padding takes no mass
+            z_top[rows] = z.gather(1, idx[rows])
+            z.scatter_(1, idx[rows], float("-inf"))  # z now holds the tail items only
+            m_tail[rows] = z.amax(dim=1, keepdim=True)
+            torch.clamp(z.sub_(m_tail[rows]), min=_EXP_FLOOR, out=e_tail[rows]).exp_()  # no (slow) denormals
         tail_sum = e_tail.sum(dim=1, keepdim=True).double()
         buckets = torch.cat([z_top, m_tail.double() + tail_sum.log()], dim=1)
         lse = buckets.logsumexp(dim=1, keepdim=True)
@@ -91,56 +107,67 @@ class _TopKBucketKL(torch.autograd.Function):
                                                                        device=p_t.device)).sum(1)
         ctx.save_for_backward(e_tail, idx, p_t, log_ps, tail_sum, m_tail, lse)
         ctx.T, ctx.dtype = T, logits.dtype
-        return kl.to(e_tail.dtype)
+        ctx.mark_non_differentiable(ranks)
+        return kl.to(dtype), ranks
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        e_tail, idx, p_t, log_ps, tail_sum, m_tail, lse = ctx.saved_tensors
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor, _):
+        e_tail, idx, p_t, log_ps, tail_sum, m_tail, lse = ctx.saved_tensors  # used once: e_tail becomes the gradient
         g = grad.double()[:, None] / ctx.T
         # d KL / d z_j = mass * p_s(j) - p_t(bucket of j) * p_s(j | bucket), a tail item's share of the tail being
         # e_j / tail_sum; mass = sum of p_t, 1 up to the rounding of the stored teacher
         mass = p_t.sum(dim=1, keepdim=True)
-        tail_coef = (mass * (m_tail.double() - lse).exp() - p_t[:, -1:] / tail_sum) * g
-        out = e_tail * tail_coef.to(e_tail.dtype)
+        tail_coef = ((mass * (m_tail.double() - lse).exp() - p_t[:, -1:] / tail_sum) * g).to(e_tail.dtype)
+        out = e_tail.mul_(tail_coef)
         out.scatter_(1, idx, ((mass * log_ps[:, :-1].exp() - p_t[:, :-1]) * g).to(e_tail.dtype))
         out[:, 0] = 0.0
-        return out.to(ctx.dtype), None, None, None
+        return out.to(ctx.dtype), None, None, None, None
 
 
 class _FullRowKL(torch.autograd.Function):
     """KL(teacher || student) over all items from a stored fp16 teacher row, per sample; the same formula as
-    `losses.kd_kl`, forward and backward written out for the hot loop (a third of the passes autograd makes)."""
+    `losses.kd_kl`, forward and backward written out for the hot loop (block by block, a third of the passes)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, teacher: torch.Tensor, T: float, targets: torch.Tensor | None):
         dtype = torch.promote_types(logits.dtype, torch.float32)
-        lt = teacher.to(dtype).mul_(1.0 / T).clamp_(min=_EXP_FLOOR)  # rows are stored max-shifted: the max is 0
-        p_t = lt.exp()
-        total_t = p_t.sum(dim=1, keepdim=True)
-        p_t.div_(total_t)
-        log_pt = lt.sub_(total_t.log_())
-        z = logits.detach().to(dtype) * (1.0 / T)  # full width, so the gradient needs no copy into place
-        z[:, 0] = float("-inf")
-        z = z.sub_(z.amax(dim=1, keepdim=True))
-        p_s = z.clamp(min=_EXP_FLOOR).exp_()
-        p_s[:, 0] = 0.0
-        total = p_s.sum(dim=1, keepdim=True)
-        p_s.div_(total)
-        log_ps = z.sub_(total.log_())[:, 1:]
-        kl = log_pt.sub_(log_ps).mul_(p_t).sum(dim=1)
+        b, width = logits.shape
+        ranks = torch.zeros(b if targets is not None else 0, dtype=torch.long, device=logits.device)
+        p_t = torch.empty(b, width - 1, dtype=dtype, device=logits.device)
+        p_s = torch.empty(b, width, dtype=dtype, device=logits.device)  # full width: the gradient is made in place
+        kl = torch.empty(b, dtype=dtype, device=logits.device)
+        for rows in _blocks(b, width):
+            if targets is not None:  # the student's target ranks while the block is in cache
+                ranks[rows] = target_ranks(logits.detach()[rows], targets[rows])
+            lt = teacher[rows].to(dtype).mul_(1.0 / T).clamp_(min=_EXP_FLOOR)  # stored max-shifted: the max is 0
+            pt = torch.exp(lt, out=p_t[rows])
+            total_t = pt.sum(dim=1, keepdim=True)
+            pt.div_(total_t)
+            log_pt = lt.sub_(total_t.log_())
+            z = logits.detach()[rows].to(dtype) * (1.0 / T)
+            z[:, 0] = float("-inf")
+            z.sub_(z.amax(dim=1, keepdim=True))
+            ps = torch.clamp(z, min=_EXP_FLOOR, out=p_s[rows]).exp_()
+            ps[:, 0] = 0.0
+            total = ps.sum(dim=1, keepdim=True)
+            ps.div_(total)
+            log_ps = z.sub_(total.log_())[:, 1:]
+            kl[rows] = log_pt.sub_(log_ps).mul_(pt).sum(dim=1)
         ctx.save_for_backward(p_t, p_s)
         ctx.T, ctx.dtype = T, logits.dtype
-        return kl
+        ctx.mark_non_differentiable(ranks)
+        return kl, ranks
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, _):
         p_t, p_s = ctx.saved_tensors  # used once: overwritten in place
         g = (grad / ctx.T)[:, None]
         mass = p_t.sum(dim=1, keepdim=True)  # 1 up to rounding
-        out = p_s.mul_(mass * g)
-        out[:, 1:].sub_(p_t.mul_(g))
-        return out.to(ctx.dtype), None, None
+        for rows in _blocks(*p_s.shape):
+            p_s[rows].mul_(mass[rows] * g[rows])[:, 1:].sub_(p_t[rows].mul_(g[rows]))
+        return p_s.to(ctx.dtype), None, None, None
 
 
 class TeacherCache:
@@ -377,21 +404,31 @@ class TeacherCacheReader:
         is the logsumexp over the other items). By the data-processing inequality this is a lower bound of
         the full KL; the gap is the KL inside the tail, small when the teacher is peaked.
         """
+        return self.kl_and_student_ranks(student_logits, rows, None, t_squared)[0]
+
+    def kl_and_student_ranks(self, student_logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor | None,
+                             t_squared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """`kl`, and the student's `weights.target_ranks` of `targets` [b] taken in the same pass over its logits
+        (the adaptive weights need both; an empty tensor when targets is None)."""
         if student_logits.dim() != 2 or student_logits.shape[1] != self.n_items + 1:
             raise ValueError(f"student logits must be [b, {self.n_items + 1}], got {tuple(student_logits.shape)}")
         r = self._rows(rows)
         if len(r) != student_logits.shape[0]:
             raise ValueError(f"{len(r)} cache rows for {student_logits.shape[0]} student rows")
+        if targets is not None:
+            targets = targets.to(device=student_logits.device, dtype=torch.long)
+            if targets.numel() and (int(targets.min()) < 1 or int(targets.max()) > self.n_items):
+                raise ValueError(f"targets must be item ids in 1..{self.n_items}")
         dev, T = student_logits.device, self.temperature
         if self.mode == "full":
-            kl = _FullRowKL.apply(student_logits, self._get("logits", r, dev), T)
-            return kl * (T ** 2) if t_squared else kl
-        idx = self._get("topk_idx", r, dev).long()
-        log_tail = self._get("log_tail", r, dev)[:, None]
-        log_top = F.log_softmax(self._get("topk_val", r, dev).float() / T, dim=1) + _log1mexp(log_tail)
-        log_pt = torch.cat([log_top, log_tail], dim=1)
-        kl = _TopKBucketKL.apply(student_logits, idx, log_pt, T)
-        return kl * (T ** 2) if t_squared else kl
+            kl, ranks = _FullRowKL.apply(student_logits, self._get("logits", r, dev), T, targets)
+        else:
+            idx = self._get("topk_idx", r, dev).long()
+            log_tail = self._get("log_tail", r, dev)[:, None]
+            log_top = F.log_softmax(self._get("topk_val", r, dev).float() / T, dim=1) + _log1mexp(log_tail)
+            log_pt = torch.cat([log_top, log_tail], dim=1)
+            kl, ranks = _TopKBucketKL.apply(student_logits, idx, log_pt, T, targets)
+        return (kl * (T ** 2) if t_squared else kl), ranks
 
     def target_ranks(self, rows: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher's exact 0-based rank of each row's target (`weights.target_ranks`): LongTensor [b].

@@ -29,7 +29,7 @@ from ..training.checkpoint import has_checkpoint
 from ..training.crm import fit_crm
 from ..training.llm import build_llm, fit_llm, load_llm, sample_grid
 from .cache import TeacherCache, TeacherCacheReader
-from .weights import target_ranks, weights_crm_to_llm, weights_llm_to_crm
+from .weights import weights_crm_to_llm, weights_llm_to_crm
 
 KEYS = [f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)]
 
@@ -91,9 +91,8 @@ def kd_hook(cache: TeacherCacheReader, index: torch.Tensor, scale: float, t_squa
             return logits.new_zeros(())
         if not bool(covered.all()):  # positions=last_k: only some samples have a teacher row
             ids, logits, targets = ids[covered], logits[covered], targets[covered]
-        kl = cache.kl(logits, ids, t_squared=t_squared)
+        kl, r_student = cache.kl_and_student_ranks(logits, ids, targets if adaptive else None, t_squared)
         if adaptive:
-            r_student = target_ranks(logits.detach(), targets)
             r_teacher = cache.target_ranks(ids).to(r_student.device)
             if student == "llm":
                 w = weights_crm_to_llm(r_teacher, r_student)
