@@ -197,7 +197,8 @@ def _fsdp_units(model) -> list:
 @contextmanager
 def gathered(model) -> Iterator[None]:
     """Full weights on every rank for the block (evaluation): each rank then scores its own user batches without
-    the lock-step collectives a sharded forward needs. A no-op for a model that is not sharded."""
+    the all-gathers a sharded forward needs. The evaluator still runs the model equally often on every rank: FSDP
+    records the order of forward calls and prefetches by it in the next backward. A no-op if nothing is sharded."""
     units = _fsdp_units(model)
     for m in units:
         m.unshard()
