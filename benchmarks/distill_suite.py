@@ -3,7 +3,7 @@
 Rows: SASRec, E4SRec (the baselines), LLMD4Rec_C / LLMD4Rec_L (full method), and the ablations of the paper
 (each reporting its distilled CRM and LLM): without the loop (one round: read from the full run's first round,
 which is the same computation), without adaptive weights, without the embedding update, upward only
-(LLM -> CRM, as DLLM2Rec-style methods), downward only.
+(LLM -> CRM in one phase from the fixed E4SRec teacher, as DLLM2Rec-style methods), downward only.
 Writes benchmarks/results/NAME.json; every run folder stays under --runs. Runs already finished there (for example
 launched in parallel with `llmd4rec distill ... run_name=NAME-ABLATION`) are read, with the time they reported.
 """
@@ -28,7 +28,7 @@ ABLATIONS = {
     "no_loop": None,  # round 1 of the full run
     "no_weights": ["distill.adaptive_weights=false"],
     "no_embedding_update": ["distill.embedding_update=false"],
-    "upward_only": ["distill.direction=upward"],
+    "upward_only": ["distill.direction=upward", "distill.rounds=1"],  # the LLM teacher never changes: one phase
     "downward_only": ["distill.direction=downward"],
 }
 
