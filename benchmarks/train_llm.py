@@ -6,13 +6,12 @@ Example: python benchmarks/train_llm.py --config configs/e4srec/beauty_cpu.yaml 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header  # noqa: E402
+from _common import header, recipe_args, write_result  # noqa: E402
 
 from llmd4rec.config import config_to_dict, load_config  # noqa: E402
 from llmd4rec.evaluation import evaluate_split  # noqa: E402
@@ -22,12 +21,7 @@ from llmd4rec.training import llm  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("--name", required=True, help="result file benchmarks/results/NAME.json")
-    p.add_argument("--resume", help="continue a stopped benchmark run folder")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args()
+    args = recipe_args(__doc__)
     cfg = load_config(args.config, args.overrides + [f"run_name={args.name}"] * (args.resume is None))
     run_dir = llm.run(cfg, args.resume)
     results = json.loads((run_dir / "results.json").read_text())
@@ -49,9 +43,7 @@ def main() -> None:
         "seconds_per_epoch": sum(r["epoch_seconds"] for r in records) / max(len(records), 1),
         "total_seconds": results["train_seconds"],
     })
-    path = Path(__file__).resolve().parent / "results" / f"{args.name}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_result(args.name, out)
 
 
 if __name__ == "__main__":
