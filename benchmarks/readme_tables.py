@@ -85,6 +85,33 @@ def serve_table() -> str:
     return "\n".join(out)
 
 
+def sharded_table() -> str:
+    parts = []
+    for name in ("sharded_llm_cpu", "sharded_llm_cpu_bf16", "sharded_llm_h200"):
+        r = _load(name)
+        if r is None:
+            continue
+        b = r["config"]["backbone"]
+        parts.append(f"`{name}.json`: {r['config']['nproc']} processes on {r['config']['device']}, random Qwen2 "
+                     f"({b['layers']} layers, hidden {b['hidden']}, {b['dtype']}), synthetic "
+                     f"{r['config']['data']['users']} users x {r['config']['data']['items']} items, "
+                     f"{r['config']['epochs']} epochs.\n")
+        parts.append("| mode | epoch losses | valid NDCG@10 | test NDCG@10 | max loss diff vs 1 process (rel.) "
+                     "| max metric diff | train s |\n|---|---|---|---|---|---|---|")
+        for mode, row in r["rows"].items():
+            if "losses" not in row:
+                parts.append(f"| {mode} | {row.get('skipped') or row.get('failed', '')[:80]} | | | | | |")
+                continue
+            agree = r["agreement"].get(mode)
+            loss_diff = f"{agree['max_rel_loss_diff']:.1e}" if agree else ""
+            metric_diff = _f(agree["max_metric_diff"]) if agree else ""
+            losses = ", ".join(_f(x) for x in row["losses"])
+            parts.append(f"| {mode} | {losses} | {_f(row['valid']['NDCG@10'])} | {_f(row['test']['NDCG@10'])} "
+                         f"| {loss_diff} | {metric_diff} | {_f(row['train_seconds'], 0)} |")
+        parts.append("")
+    return "\n".join(parts).strip() or "`sharded_llm_*.json` not run yet."
+
+
 TABLES = {
     "sasrec": lambda: accuracy_table([("MostPop, Beauty", "mostpop_beauty"),
                                       ("SASRec (CE), Beauty", "sasrec_beauty"),
@@ -96,16 +123,17 @@ TABLES = {
     "llmd4rec_lastfm": lambda: distill_table("llmd4rec_lastfm_cpu"),
     "speed": speed_tables,
     "serve": serve_table,
+    "sharded": sharded_table,
 }
 
 
 def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    for name, make in TABLES.items():
-        text = re.sub(rf"(<!-- table:{name} -->\n)(?:.*?\n)??(<!-- /table -->)",
-                      lambda m: m.group(1) + make() + "\n" + m.group(2), text, flags=re.S)
-    readme.write_text(text)
+    for page in (ROOT / "README.md", ROOT / "docs" / "scaling.md"):
+        text = page.read_text()
+        for name, make in TABLES.items():
+            text = re.sub(rf"(<!-- table:{name} -->\n)(?:.*?\n)??(<!-- /table -->)",
+                          lambda m: m.group(1) + make() + "\n" + m.group(2), text, flags=re.S)
+        page.write_text(text)
 
 
 if __name__ == "__main__":

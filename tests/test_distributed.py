@@ -35,15 +35,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, recipe: str, config: str | None, overrides: list[str]) -> None:
+class Killed(Exception):
+    pass
+
+
+def _worker(rank: int, world: int, port: int, recipe: str, config: str | None, overrides: list[str],
+            resume: str | None, kill_at_eval: int) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
-    RECIPES[recipe].run(load_config(config, overrides))
+    if kill_at_eval:  # every rank stops as that evaluation begins, as if the job were killed there
+        real, calls = llm.evaluate_split, []
+
+        def evaluate_or_die(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == kill_at_eval:
+                raise Killed
+            return real(*args, **kwargs)
+
+        llm.evaluate_split = evaluate_or_die
+    RECIPES[recipe].run(load_config(config, overrides), resume=resume)
 
 
-def _spawn(recipe: str, config: str | None, overrides: list[str], world: int = 2) -> None:
-    mp.spawn(_worker, args=(world, _free_port(), recipe, config, overrides), nprocs=world, join=True)
+def _spawn(recipe: str, config: str | None, overrides: list[str], world: int = 2, resume: str | None = None,
+           kill_at_eval: int = 0) -> None:
+    mp.spawn(_worker, args=(world, _free_port(), recipe, config, overrides, resume, kill_at_eval), nprocs=world,
+             join=True)
 
 
 def _single(recipe: str, config: str | None, overrides: list[str]) -> Path:
@@ -96,13 +113,22 @@ def test_sasrec_lastfm_two_processes_match_one(shared_data, tmp_path):
     assert _single_process_eval(model, split, cfg) == {"valid": b["valid"], "test": b["test"]}
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+PARALLEL = {"ddp": [], "fsdp": ["llm_train.fsdp=true"], "zero2": ["llm_train.zero_stage=2"],
+            "zero3": ["llm_train.zero_stage=3"]}
+
+
+@pytest.mark.parametrize("parallel", list(PARALLEL))
 def test_tiny_e4srec_two_processes_match_one(tmp_path, parallel):
     """A random 2-layer Qwen2 through the LLM recipe, 2 epochs with gradient accumulation over 2 micro-batches
     (DDP skips the all-reduce on the first); batches of 17 samples end each epoch with a single user, so one rank's
-    shard is empty. With FSDP each rank holds half of every layer, the prompt runs inline in the packed rows, and
-    checkpoints are gathered into full tensors. Tolerance: loss within 1e-4 relative, validation metrics within one
+    shard is empty. With FSDP or ZeRO-3 each rank holds half of every layer, the prompt runs inline in the packed
+    rows, and checkpoints are gathered into full tensors; ZeRO-2 partitions the gradients and Adam moments.
+    The DeepSpeed runs are killed as epoch 2's validation begins and resumed from epoch 1's checkpoint, whose Adam
+    moments go back into ZeRO's partitions. Tolerance: loss within 1e-4 relative, validation metrics within one
     user's worth (1 / 60); the 2-process evaluation of the best checkpoint equals the 1-process one exactly."""
+    zero = {"zero2": 2, "zero3": 3}.get(parallel, 0)
+    if zero:
+        pytest.importorskip("deepspeed")
     backbone = save_tiny_backbone(tmp_path / "qwen2-tiny")
     data = ["data.synthetic_users=60", "data.synthetic_items=40", "crm.hidden=16", "crm.max_len=10"]
     cfg_crm = load_config(None, data)
@@ -113,11 +139,15 @@ def test_tiny_e4srec_two_processes_match_one(tmp_path, parallel):
                         "llm_train.grad_accum=2", f"crm_run={tmp_path / 'crm-run'}", f"run_dir={tmp_path}",
                         "device=cpu"]
     one = _single("llm", None, overrides + ["run_name=one"])
-    _spawn("llm", None, overrides + ["run_name=two", f"llm_train.fsdp={parallel == 'fsdp'}"])
     two = tmp_path / "two"
+    if zero:
+        with pytest.raises(mp.ProcessRaisedException, match="Killed"):
+            _spawn("llm", None, overrides + ["run_name=two"] + PARALLEL[parallel], kill_at_eval=2)
+        assert len(_losses(two)) == 1
+    _spawn("llm", None, overrides + ["run_name=two"] + PARALLEL[parallel], resume=str(two) if zero else None)
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
     a, b = _results(one), _results(two)
-    assert (b["world_size"], b["fsdp"]) == (2, parallel == "fsdp")
+    assert (b["world_size"], b["fsdp"], b["zero_stage"]) == (2, parallel == "fsdp", zero)
     for k in METRICS:
         assert abs(a["valid"][k] - b["valid"][k]) <= 1 / 60, k
 
@@ -160,7 +190,12 @@ def test_distill_round_two_processes_match_one(tmp_path):
 
 
 @pytest.mark.parametrize("env, capable, message", [
-    ({"ACCELERATE_USE_DEEPSPEED": "true"}, True, "DeepSpeed"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, False, "only train-llm"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, True,
+     "deepspeed_config_file"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, True,
+     "offload_optimizer_device"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"}, True, "zero3_init_flag"),
     ({"ACCELERATE_USE_FSDP": "true"}, False, "only train-llm"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, True, "version 2"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"}, True, "fsdp_offload_params"),
@@ -173,7 +208,7 @@ def test_launch_modes_a_recipe_does_not_implement_are_refused(monkeypatch, env, 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(InputError, match=message):
-        with distributed.session("cpu", fsdp_capable=capable):
+        with distributed.session("cpu", shards=capable):
             pass
 
 
@@ -188,6 +223,43 @@ def test_fsdp_launch_is_accepted_by_the_llm_recipe(monkeypatch):
     monkeypatch.setenv("FSDP_VERSION", str(fsdp["fsdp_version"]))
     monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", str(fsdp["fsdp_offload_params"]).lower())
     monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", str(fsdp["fsdp_activation_checkpointing"]).lower())
-    with distributed.session("cpu", fsdp_capable=True) as device:
+    with distributed.session("cpu", shards=True) as device:
         assert device.type == "cpu"
     assert not distributed.use_fsdp(False)  # one process: nothing to shard over
+
+
+@pytest.mark.parametrize("name, stage", [("deepspeed_zero2.yaml", 2), ("deepspeed_zero3.yaml", 3)])
+def test_deepspeed_launch_is_accepted_by_the_llm_recipe(monkeypatch, name, stage):
+    """What accelerate launch sets for the shipped DeepSpeed configs passes the LLM recipe's checks and selects
+    their ZeRO stage; an accumulation or clipping value that differs from the recipe's is refused."""
+    import yaml
+
+    from llmd4rec import distributed
+    from llmd4rec.config import TrainConfig
+    from llmd4rec.errors import InputError
+
+    ds = yaml.safe_load(open(f"configs/accelerate/{name}"))["deepspeed_config"]
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(ds["zero_stage"]))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", ds["offload_optimizer_device"])
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", ds["offload_param_device"])
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_INIT", str(ds["zero3_init_flag"]).lower())
+    with distributed.session("cpu", shards=True) as device:
+        assert device.type == "cpu"
+    assert distributed.zero_stage(TrainConfig()) == stage
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    with pytest.raises(InputError, match="grad_accum"):
+        distributed.zero_stage(TrainConfig(grad_accum=1))
+    assert distributed.zero_stage(TrainConfig(grad_accum=4)) == stage
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train-crm", "crm_train.zero_stage=2"], "train-crm trains with DDP"),
+    (["distill", "llm_train.fsdp=true"], "distill trains with DDP"),
+    (["train-llm", "llm_train.zero_stage=4", "crm_run=x"], "zero_stage must be"),
+])
+def test_sharding_a_recipe_does_not_do_is_one_line_error(tmp_path, capsys, args, message):
+    from llmd4rec.cli import main
+
+    assert main([*args, f"run_dir={tmp_path}", "device=cpu"]) == 2
+    assert message in capsys.readouterr().err

@@ -38,11 +38,11 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-def make_model(tokenizer, arch="llama", attn="sdpa", seed=0, **cfg_kw):
+def make_model(tokenizer, arch="llama", attn="sdpa", seed=0, backbone_dtype=torch.float32, **cfg_kw):
     torch.manual_seed(seed)
     config = ARCHS[arch](vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    backbone = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    backbone = AutoModelForCausalLM.from_config(config, attn_implementation=attn).to(backbone_dtype)
     cfg = E4SRecConfig(instruction="Given the history, predict:", response="\n### Response:", max_len=10, **cfg_kw)
     model = E4SRec(cfg, torch.randn(N_ITEMS + 1, D_ITEM), backbone, tokenizer).eval()
     with torch.no_grad():  # LoRA B starts at zero: perturb it so the equalities below exercise the adapters
@@ -155,6 +155,25 @@ def test_only_lora_and_heads_train(tokenizer):
     torch.nn.functional.cross_entropy(model.prefix_logits(HIST, rows, cols), HIST[rows, cols + 1]).backward()
     opt.step()
     assert torch.equal(model.item_table, table)
+
+
+def test_bf16_backbone_trains_float32_adapters_and_small_steps_land(tokenizer):
+    """With a bfloat16 backbone every trainable weight is float32: one AdamW step of 1e-5 moves every LoRA A weight
+    (about 0.1 in size, where bfloat16's spacing is 4e-4 and would round such a step away), and the logits agree
+    with a float32 copy of the same model to bfloat16 precision."""
+    ref = make_model(tokenizer, "qwen2")
+    half = make_model(tokenizer, "qwen2", backbone_dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in half.parameters() if not p.requires_grad} == {torch.bfloat16}
+    rows, cols = (HIST[:, :-1] != 0).nonzero(as_tuple=True)
+    with torch.no_grad():
+        assert torch.allclose(half.prefix_logits(HIST, rows, cols), ref.prefix_logits(HIST, rows, cols), atol=0.1)
+    before = {k: p.detach().clone() for k, p in half.named_parameters() if "lora_A" in k}
+    opt = torch.optim.AdamW([p for p in half.parameters() if p.requires_grad], lr=1e-5)
+    torch.nn.functional.cross_entropy(half.prefix_logits(HIST, rows, cols), HIST[rows, cols + 1]).backward()
+    opt.step()
+    moved = [bool((p.detach() != before[k]).all()) for k, p in half.named_parameters() if "lora_A" in k]
+    assert moved and all(moved)
 
 
 def test_checkpoint_round_trip(tokenizer, tmp_path):

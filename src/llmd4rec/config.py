@@ -61,6 +61,7 @@ class TrainConfig:
     max_targets_per_user: int = 50
     seed: int = 42
     fsdp: bool = False  # LLM under torchrun: shard the backbone with FSDP (accelerate launch sets it from its config)
+    zero_stage: int = 0  # LLM: DeepSpeed ZeRO stage 1, 2 or 3 (0: off; accelerate launch sets it from its config)
 
 
 @dataclass

@@ -41,15 +41,20 @@ def barrier() -> None:
 
 
 @contextmanager
-def session(device_name: str, fsdp_capable: bool = False) -> Iterator[torch.device]:
+def session(device_name: str, shards: bool = False, group: bool = False) -> Iterator[torch.device]:
     """This process's device; when launched with WORLD_SIZE > 1 also the process group (nccl on GPUs, gloo on CPU),
     destroyed on exit unless it existed before. Each process takes the GPU numbered by its LOCAL_RANK.
-    fsdp_capable: the recipe shards with FSDP when asked (`use_fsdp`); the others refuse an FSDP launch."""
-    _refuse_unsupported_accelerate_modes(fsdp_capable)
+    shards: the recipe shards with FSDP or DeepSpeed ZeRO when asked; the others refuse such a launch.
+    group: a process group even for a single process (DeepSpeed needs one)."""
+    _refuse_unsupported_accelerate_modes(shards)
     device = pick_device(device_name)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not group:
         yield device
         return
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -63,6 +68,14 @@ def session(device_name: str, fsdp_capable: bool = False) -> Iterator[torch.devi
             dist.destroy_process_group()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("true", "1")
 
@@ -71,14 +84,25 @@ def _env_false(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("false", "0")
 
 
-def _refuse_unsupported_accelerate_modes(fsdp_capable: bool) -> None:
+def _refuse_unsupported_accelerate_modes(shards: bool) -> None:
     """`accelerate launch` passes its config as environment variables that only an Accelerator reads; a launch
     asking for a mode a recipe does not implement would silently get plain DDP: refuse it instead."""
     if _env_true("ACCELERATE_USE_DEEPSPEED"):
-        raise InputError("the recipes do not implement DeepSpeed: for sharding use FSDP with train-llm "
-                         "(configs/accelerate/fsdp_7b.yaml), otherwise configs/accelerate/ddp_multi_gpu.yaml")
+        if not shards:
+            raise InputError("only train-llm shards with DeepSpeed (the LLM backbone is what outgrows one GPU): launch "
+                             "train-crm and distill with configs/accelerate/ddp_multi_gpu.yaml or torchrun")
+        if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+            raise InputError("the LLM recipe writes the DeepSpeed config itself (from llm_train and llm.dtype): give "
+                             "deepspeed_config.zero_stage in the accelerate config instead of deepspeed_config_file")
+        for flag in ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"):
+            if os.environ.get(flag, "none").lower() != "none":
+                key = flag.removeprefix("ACCELERATE_DEEPSPEED_").lower()
+                raise InputError(f"{key} is not implemented by the LLM recipe: set {key}: none")
+        if _env_true("ACCELERATE_DEEPSPEED_ZERO3_INIT"):
+            raise InputError("zero3_init_flag is not implemented by the LLM recipe (each process loads the backbone, "
+                             "then DeepSpeed partitions it): set zero3_init_flag: false")
     if _env_true("ACCELERATE_USE_FSDP"):
-        if not fsdp_capable:
+        if not shards:
             raise InputError("only train-llm shards with FSDP (the LLM backbone is what outgrows one GPU): launch "
                              "train-crm and distill with configs/accelerate/ddp_multi_gpu.yaml or torchrun")
         if os.environ.get("FSDP_VERSION", "2") != "2":
@@ -166,6 +190,13 @@ def ddp(module: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel:
     return DDP(module, **{no_sync: False})
 
 
+def refuse_sharding(recipe: str, **train_configs) -> None:
+    """A recipe that trains with DDP only stops at once when a config asks it to shard (fsdp, zero_stage)."""
+    for key, tc in train_configs.items():
+        if tc.fsdp or tc.zero_stage:
+            raise InputError(f"{recipe} trains with DDP: {key}.fsdp and {key}.zero_stage are for train-llm")
+
+
 # ---- FSDP (train-llm): torch's fully_shard, one decoder layer per unit ----
 
 def use_fsdp(requested: bool) -> bool:
@@ -223,3 +254,134 @@ def like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements)
+
+
+# ---- DeepSpeed ZeRO (train-llm) ----
+
+def zero_stage(tc) -> int:
+    """The ZeRO stage asked for by llm_train.zero_stage or by `accelerate launch` with a DeepSpeed config; 0: none.
+    Accumulation and clipping come from the recipe: an accelerate config that says otherwise is refused."""
+    stage = tc.zero_stage
+    if _env_true("ACCELERATE_USE_DEEPSPEED"):
+        stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", stage or 2))
+        for var, key, value in (("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "grad_accum", tc.grad_accum),
+                                ("ACCELERATE_GRADIENT_CLIPPING", "grad_clip", tc.grad_clip)):
+            if var in os.environ and float(os.environ[var]) != float(value):
+                raise InputError(f"the accelerate config asks for {var.removeprefix('ACCELERATE_').lower()}="
+                                 f"{os.environ[var]} but llm_train.{key}={value}: the recipe's value is used, so "
+                                 f"drop the key from the accelerate config or set llm_train.{key}")
+    if stage not in (0, 1, 2, 3):
+        raise InputError(f"llm_train.zero_stage must be 0 (off), 1, 2 or 3, got {stage}")
+    return stage
+
+
+def zero_engine(model: torch.nn.Module, opt: torch.optim.Optimizer, stage: int, tc,
+                masters: dict[str, torch.Tensor] | None = None):
+    """(DeepSpeed's engine around `model`, its state as `ZeroAdamState`), ZeRO partitioning `opt` (a torch AdamW).
+
+    With a bfloat16 or float16 backbone DeepSpeed runs in that precision: it casts every parameter to it (ZeRO needs
+    one dtype) and keeps float32 master weights and Adam moments of the trainable ones. The masters are set from
+    `masters` (name -> tensor, e.g. a resumed checkpoint) or the trainable weights as they were before the cast,
+    and Adam moments already in `opt` (a resumed run) go into ZeRO's partitions. The caller sets the accumulation
+    boundary for every micro-batch (its batches vary in size)."""
+    try:
+        import deepspeed
+        from deepspeed.utils import logger
+    except ImportError:
+        raise InputError("DeepSpeed is not installed: pip install --no-build-isolation deepspeed") from None
+    import logging
+
+    logger.setLevel(logging.WARNING)
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    masters = {k: (masters[k] if masters else p).detach().float().cpu().clone() for k, p in named}
+    carried = {i: opt.state[p] for i, (_, p) in enumerate(named) if p in opt.state}
+    dtype = model.dtype
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": tc.grad_accum,
+              "train_batch_size": tc.grad_accum * world_size(), "gradient_clipping": tc.grad_clip,
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+              "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16},
+              "steps_per_print": 2 ** 31}
+    engine, zopt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    for k, p in named:
+        _set_zero_full(p, masters[k].to(p.device))
+    if carried:
+        for flat in _zero_flat_partitions(zopt):
+            step = next(iter(carried.values()))["step"].clone()
+            zopt.optimizer.state[flat] = {"step": step, "exp_avg": torch.zeros_like(flat),
+                                          "exp_avg_sq": torch.zeros_like(flat)}
+        if hasattr(zopt, "_lazy_init_hp_params_optimizer_state"):  # stages 1-2 map parameters to that state lazily
+            zopt._lazy_init_hp_params_optimizer_state()
+        for i, state in carried.items():
+            p = named[i][1]
+            for key in ("exp_avg", "exp_avg_sq"):
+                _set_zero_full(p, state[key].to(p.device, torch.float32), key)
+    return engine, ZeroAdamState(zopt, named)
+
+
+def _set_zero_full(param: torch.Tensor, full: torch.Tensor, key: str | None = None) -> None:
+    """Set a parameter's float32 master weight (key None) or Adam moment `key` from its full value."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state, \
+        safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    if not hasattr(param, "ds_id"):
+        safe_set_full_fp32_param(param, full) if key is None else safe_set_full_optimizer_state(param, full, key)
+        return
+    # ZeRO-3: this rank's slice of the zero-padded flat tensor (DeepSpeed's full setters miss the padding)
+    n = param.ds_tensor.numel()
+    flat = torch.nn.functional.pad(full.flatten(), (0, n * world_size() - full.numel()))
+    mine = flat[rank() * n:(rank() + 1) * n]
+    safe_set_local_fp32_param(param, mine) if key is None else safe_set_local_optimizer_state(param, mine, key)
+
+
+def _zero_flat_partitions(zopt) -> list[torch.Tensor]:
+    """The float32 flat tensors ZeRO's wrapped optimizer steps on (this rank's partition of each parameter group)."""
+    if hasattr(zopt, "fp32_partitioned_groups_flat"):  # stage 3
+        return list(zopt.fp32_partitioned_groups_flat)
+    return list(zopt.single_partition_of_fp32_groups)  # stages 1 and 2
+
+
+class ZeroAdamState:
+    """ZeRO's partitioned float32 master weights and Adam state, read back as full tensors: the trainable weights
+    and torch AdamW's state_dict (one tensor per parameter, one group). Checkpoints thus keep one format, and a
+    ZeRO run resumes on one process or the other way round. Every rank must call both (they gather)."""
+
+    def __init__(self, zopt, named: list[tuple[str, torch.Tensor]]):
+        self.zopt, self.named = zopt, named
+
+    @property
+    def param_groups(self) -> list[dict]:
+        hyper = {k: v for k, v in self.zopt.optimizer.param_groups[0].items() if k != "params"}
+        return [{**hyper, "params": [p for _, p in self.named]}]
+
+    def master_weights(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {k: safe_get_full_fp32_param(p).detach().cpu().clone() for k, p in self.named}
+
+    def state_dict(self) -> dict:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        hyper = {k: v for k, v in self.zopt.optimizer.param_groups[0].items() if k != "params"}
+        groups = [{**hyper, "params": list(range(len(self.named)))}]
+        flat_state = [s for s in self.zopt.optimizer.state.values() if s]
+        if not flat_state:  # not stepped yet
+            return {"state": {}, "param_groups": groups}
+        step = flat_state[0]["step"].detach().cpu()
+        state = {i: {"step": step.clone(), **{k: safe_get_full_optimizer_state(p, k).detach().cpu().clone()
+                                      for k in ("exp_avg", "exp_avg_sq")}}
+                 for i, (_, p) in enumerate(self.named)}
+        return {"state": state, "param_groups": groups}
+
+
+@contextmanager
+def zero3_gathered(model, modify: bool = False) -> Iterator[None]:
+    """Full parameters on every rank for the block when ZeRO-3 partitions them (reading or, with modify, loading
+    trainable weights; rank 0's values win); a no-op otherwise."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+        yield

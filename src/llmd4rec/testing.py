@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def save_tiny_backbone(folder: str | Path, seed: int = 0) -> Path:
-    """A random 2-layer Qwen2 (hidden 32, 4 heads, 2 KV heads) and a byte-level tokenizer with no merges."""
+def save_tiny_backbone(folder: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 4,
+                       kv_heads: int = 2, intermediate: int = 64, dtype: str = "float32") -> Path:
+    """A random Qwen2 (by default 2 layers, hidden 32, 4 heads, 2 KV heads) and a byte-level tokenizer with no
+    merges; larger shapes stand in for real backbones where only speed and memory matter."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
@@ -17,8 +19,9 @@ def save_tiny_backbone(folder: str | Path, seed: int = 0) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=512)
+    AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return Path(folder)

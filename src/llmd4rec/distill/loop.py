@@ -173,6 +173,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
         raise ValueError(f"distill.direction must be both, upward or downward, got '{d.direction}'")
     if cfg.crm.max_len != cfg.llm.max_len:
         raise ValueError("crm.max_len and llm.max_len must match: both models share one sample grid")
+    distributed.refuse_sharding("distill", crm_train=cfg.crm_train, llm_train=cfg.llm_train)
     main = distributed.is_main  # a function: the process group exists only inside the session
     with distributed.session(cfg.device) as device:
         run_dir = distributed.on_main(lambda: make_run_dir(cfg, "llmd4rec", resume))

@@ -88,7 +88,7 @@ class E4SRec(nn.Module):
     """Frozen item table -> W_in -> LoRA'd decoder -> W_out. Trainable: LoRA, W_in, W_out."""
 
     pack_tokens = 512  # all-prefix row length that users are packed into; attention cost grows with its square
-    inline_prompt = False  # set under FSDP (distributed.shard_model): no separate prompt pass in training
+    inline_prompt = False  # set under FSDP and ZeRO-3: no separate prompt pass in training
     trims_padding = True  # encode drops all-padding columns: evaluation batches users of similar length together
 
     def __init__(self, cfg: E4SRecConfig, item_embeddings: torch.Tensor, backbone=None, tokenizer=None):
@@ -109,6 +109,9 @@ class E4SRec(nn.Module):
         self.decoder.requires_grad_(False)
         inject_adapter_in_model(LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                            target_modules=list(cfg.lora_targets)), self.decoder)
+        for p in self.decoder.parameters():  # float32 adapters on a bf16/fp16 backbone: small steps are not rounded
+            if p.requires_grad:              # away (peft casts the adapter's input and output)
+                p.data = p.data.float()
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
         hidden = self.decoder.config.hidden_size
@@ -133,7 +136,8 @@ class E4SRec(nn.Module):
         return self.decoder.get_input_embeddings()(ids)[None].expand(batch, -1, -1)
 
     def _items(self, histories: torch.Tensor) -> torch.Tensor:
-        return self.w_in(self.item_table[histories]).to(self.dtype)
+        """W_in and W_out are float32 unless DeepSpeed's bf16/fp16 mode cast them: inputs follow their dtype."""
+        return self.w_in(self.item_table[histories].to(self.w_in.weight.dtype)).to(self.dtype)
 
     def _decode(self, embeds, mask, positions, cache=None) -> torch.Tensor:
         kw = {self._cache_kw: cache} if cache is not None else {}
@@ -164,7 +168,8 @@ class E4SRec(nn.Module):
         return (self._encode_shared if share else self._encode_plain)(histories)
 
     def score_items(self, state: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        return F.linear(state.float(), self.w_out.weight[lo:hi], self.w_out.bias[lo:hi])
+        w = self.w_out.weight
+        return F.linear(state.to(w.dtype), w[lo:hi], self.w_out.bias[lo:hi]).float()
 
     def score_all(self, histories: torch.Tensor) -> torch.Tensor:
         return self.score_items(self.encode(histories), 0, self.n_items + 1)
@@ -295,7 +300,7 @@ class E4SRec(nn.Module):
             width = histories.shape[1]
             src = torch.arange(width, device=histories.device) - (width - 1 - cols)[:, None]
             state = self.encode(histories[rows].gather(1, src.clamp(min=0)).masked_fill(src < 0, 0))
-        return self.score_items(state, 0, self.n_items + 1)
+        return self.w_out(state.to(self.w_out.weight.dtype)).float()  # a module call: ZeRO-3 gathers W_out
 
     def forward(self, histories: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """`prefix_logits` as the module call, so wrappers that hook calls (DistributedDataParallel) see training."""
@@ -311,7 +316,7 @@ class E4SRec(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """LoRA + W_in + W_out: all a checkpoint needs besides the backbone and the CRM's item table. Under FSDP every
-        rank must call it (the shards are gathered)."""
+        rank must call it (the shards are gathered); under ZeRO-3 call it inside `distributed.zero3_gathered`."""
         from ..distributed import full_tensor
 
         return {k: full_tensor(v.detach()) for k, v in self.named_parameters() if v.requires_grad}

@@ -227,6 +227,7 @@ def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str 
 
 def run(cfg: Config, resume: str | None = None) -> Path:
     """`llmd4rec train-crm`: data -> split -> SASRec -> early-stopped training -> test metrics of the best epoch."""
+    distributed.refuse_sharding("train-crm", crm_train=cfg.crm_train)
     with distributed.session(cfg.device) as device:
         run_dir = distributed.on_main(lambda: make_run_dir(cfg, "sasrec", resume))
         seed_everything(cfg.seed)

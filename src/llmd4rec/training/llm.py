@@ -86,26 +86,31 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
     device = model.w_out.weight.device
     folder = run_dir / phase
     world, main = distributed.world_size(), distributed.is_main()
-    fsdp = distributed.use_fsdp(tc.fsdp)
-    if fsdp:
+    fsdp, zero = distributed.use_fsdp(tc.fsdp), distributed.zero_stage(tc)
+    if fsdp or zero:
         if kd is not None or keep_start:
-            raise InputError("distillation runs with DDP: launch distill without FSDP")
+            raise InputError("distillation runs with DDP: launch distill without FSDP or DeepSpeed")
+        if fsdp and zero:
+            raise InputError("FSDP and DeepSpeed ZeRO both asked for: choose one")
+    if fsdp:
         distributed.shard_model(model)  # before the optimizer: it must hold the sharded parameters
+    if zero == 3:
+        model.inline_prompt = True  # one pass per layer: each ZeRO-3 gather serves one forward and one backward
     inputs, targets = sample_grid(split.train, model.max_len, tc.max_targets_per_user)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    opt_state = opt  # what a checkpoint reads the Adam state from
     gen = torch.Generator().manual_seed(tc.seed)
     n_batches = len(user_batches(targets, torch.arange(len(targets)), tc.batch_size))
-    sched = cosine_with_warmup(opt, tc.warmup_steps, tc.epochs * math.ceil(n_batches / tc.grad_accum))
-    epoch, step, best, bad, best_epoch, best_valid = 1, 0, -1.0, 0, 0, None
+    epoch, step, best, bad, best_epoch, best_valid, sched_steps = 1, 0, -1.0, 0, 0, None, 0
     done_part = (0.0, 0, 0.0)  # loss sum, samples and seconds of the epoch's batches before a mid-epoch resume
+    resumed = None  # the checkpoint's weights: ZeRO's float32 master copies start from them
     if resume and has_checkpoint(folder, "last"):
-        weights, st = load_checkpoint(folder, "last", opt, {"train": gen})
-        model.load_trainable_state_dict(weights)
+        resumed, st = load_checkpoint(folder, "last", opt, {"train": gen})
+        model.load_trainable_state_dict(resumed)
         epoch, step, best, bad, best_epoch = st["epoch"], st["step"], st["best"], st["bad"], st["best_epoch"]
         done_part = tuple(st.get("done_part", done_part)) if step else done_part
-        best_valid = st.get("best_valid")
-        sched.load_state_dict({**sched.state_dict(), "last_epoch": st["sched"], "_step_count": st["sched"] + 1})
+        best_valid, sched_steps = st.get("best_valid"), st["sched"]
         if main:
             truncate_metrics(run_dir, phase, epoch - 1)
         if st.get("stopped"):
@@ -118,20 +123,28 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
             save_checkpoint(folder, "best", model.trainable_state_dict(), state={"epoch": 0, "valid": valid_m})
             log_metrics(run_dir, {"phase": phase, "epoch": 0, "valid": valid_m})
     forward = model.prefix_logits
+    if zero:  # after the resume: ZeRO takes the loaded weights and Adam moments into its partitions
+        forward, opt_state = distributed.zero_engine(model, opt, zero, tc, resumed)
+    elif world > 1:
+        forward = model if fsdp else distributed.ddp(model)
     if world > 1:
         distributed.offset_rng()
-        forward = model if fsdp else distributed.ddp(model)
+    sched = cosine_with_warmup(opt, tc.warmup_steps, tc.epochs * math.ceil(n_batches / tc.grad_accum))
+    if sched_steps:
+        sched.load_state_dict({**sched.state_dict(), "last_epoch": sched_steps, "_step_count": sched_steps + 1})
+        for group, factor in zip(opt.param_groups, sched.lr_lambdas):
+            group["lr"] = group["initial_lr"] * factor(sched_steps)
 
     def evaluate(which: str) -> dict:
-        with distributed.gathered(model):
+        with distributed.gathered(model), distributed.zero3_gathered(model):
             return evaluate_split(model, split, cfg.eval, which, device)
 
     def checkpoint(tag: str, state: dict, with_optimizer: bool) -> None:
-        """Every rank gathers (FSDP), rank 0 writes."""
-        weights = model.trainable_state_dict()
-        opt_state = optimizer_tensors(opt) if with_optimizer else None
+        """Every rank gathers (FSDP, ZeRO), rank 0 writes. Under ZeRO the weights are its float32 masters."""
+        weights = opt_state.master_weights() if zero else model.trainable_state_dict()
+        adam = optimizer_tensors(opt_state) if with_optimizer else None
         if main:
-            save_checkpoint(folder, tag, weights, opt_state, state, {"train": gen} if with_optimizer else None)
+            save_checkpoint(folder, tag, weights, adam, state, {"train": gen} if with_optimizer else None)
 
     while epoch <= tc.epochs:
         epoch_gen_state = gen.get_state()
@@ -147,7 +160,7 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
             if world > 1:
                 counts = (targets[users] > 0).sum(1)
                 lo, hi = distributed.shard(counts)
-                if fsdp and lo == hi:  # a sharded forward is a collective: run one user, counted 0 times
+                if (fsdp or zero) and lo == hi:  # a sharded step is a collective: one user, counted 0 times
                     lo, hi, weight = 0, 1, 0.0
                 users, n_batch = users[lo:hi], int(counts.sum())
             x, y = inputs[users].to(device), targets[users].to(device)
@@ -155,7 +168,9 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
             # between optimizer steps DDP need not all-reduce: the last micro-batch reduces the accumulated sum
             if fsdp:
                 model.set_requires_gradient_sync(stepping)
-            with forward.no_sync() if world > 1 and not fsdp and not stepping else nullcontext():
+            if zero:
+                forward.set_gradient_accumulation_boundary(stepping)
+            with forward.no_sync() if world > 1 and not (fsdp or zero) and not stepping else nullcontext():
                 logits = forward(x, rows, cols)
                 logits[:, 0] = float("-inf")
                 tgt = y[rows, cols]
@@ -174,8 +189,15 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss in phase '{phase}', epoch {epoch}, step {b}; "
                                              f"the last good checkpoint is kept in {folder}")
-                (scaled / tc.grad_accum).backward()
-            if stepping:
+                if zero:
+                    forward.backward(scaled / tc.grad_accum, scale_wrt_gas=False)
+                else:
+                    (scaled / tc.grad_accum).backward()
+            if zero:  # steps (clipping included) only at the boundary set above
+                forward.step()
+                if stepping:
+                    sched.step()
+            elif stepping:
                 if tc.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
                 opt.step()
@@ -218,7 +240,8 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
         if stop:
             break
     distributed.barrier()  # rank 0's last checkpoint is on disk before anyone reads it
-    model.load_trainable_state_dict(load_tensors(folder / "best.safetensors"))
+    with distributed.zero3_gathered(model, modify=True):
+        model.load_trainable_state_dict(load_tensors(folder / "best.safetensors"))
     model.eval()
     return {"valid": best_valid or evaluate("valid"), "test": evaluate("test"), "best_epoch": best_epoch}
 
@@ -242,7 +265,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
     """`llmd4rec train-llm`: SASRec item table -> E4SRec -> early-stopped LoRA training -> test metrics."""
     from ..io import save_tensors
 
-    with distributed.session(cfg.device, fsdp_capable=True) as device:
+    with distributed.session(cfg.device, shards=True, group=distributed.zero_stage(cfg.llm_train) > 0) as device:
         run_dir = distributed.on_main(lambda: make_run_dir(cfg, "e4srec", resume))
         seed_everything(cfg.seed)
         table_path = run_dir / "llm" / "item_table.safetensors"
@@ -264,7 +287,10 @@ def run(cfg: Config, resume: str | None = None) -> Path:
                        "keep_layers": cfg.llm.keep_layers, "exclude_seen": cfg.eval.exclude_seen,
                        "eval_mode": cfg.eval.mode, "train_seconds": time.perf_counter() - t0,
                        "world_size": distributed.world_size(),
-                       "fsdp": distributed.use_fsdp(cfg.llm_train.fsdp), **metrics}
+                       "fsdp": distributed.use_fsdp(cfg.llm_train.fsdp),
+                       "zero_stage": distributed.zero_stage(cfg.llm_train), **metrics}
+            if device.type == "cuda":  # this process's peak: what sharding is for
+                results["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             write_results(run_dir, results, format_table({"E4SRec": metrics["test"]}, keys))
             print(format_table({"E4SRec": metrics["test"]}, keys), flush=True)
         distributed.barrier()
