@@ -5,23 +5,61 @@ import torch
 
 from llmd4rec.config import SASRecConfig, load_config
 from llmd4rec.models.sasrec import SASRec
-from llmd4rec.training.crm import ChunkedLogSumExp, rec_loss
+from llmd4rec.models.chunked import ChunkedLogSumExp, chunked_cross_entropy
+from llmd4rec.training.crm import rec_loss
 
 
+@pytest.mark.parametrize("bias", [False, True])  # SASRec's item table has none, E4SRec's W_out has one
 @pytest.mark.parametrize("chunk", [1, 7, 50, 1000])  # one item per chunk, a ragged last chunk, exact fit, one chunk
-def test_chunked_logsumexp_matches_full(chunk):
+def test_chunked_logsumexp_matches_full(chunk, bias):
     g = torch.Generator().manual_seed(0)
     h = (3 * torch.randn(13, 8, generator=g)).requires_grad_()
     w = torch.randn(51, 8, generator=g).requires_grad_()
+    b = torch.randn(51, generator=g).requires_grad_() if bias else None
+    inputs = (h, w, b) if bias else (h, w)
     upstream = torch.randn(13, generator=g)
-    full = (h @ w.T)[:, 1:].logsumexp(1)
-    grads_full = torch.autograd.grad((full * upstream).sum(), (h, w))
-    chunked = ChunkedLogSumExp.apply(h, w, chunk)
-    grads_chunked = torch.autograd.grad((chunked * upstream).sum(), (h, w))
+    full = (h @ w.T + (b if bias else 0))[:, 1:].logsumexp(1)
+    grads_full = torch.autograd.grad((full * upstream).sum(), inputs)
+    chunked = ChunkedLogSumExp.apply(h, w, b, chunk)
+    grads_chunked = torch.autograd.grad((chunked * upstream).sum(), inputs)
     assert torch.allclose(chunked, full, atol=1e-5, rtol=0)
-    for a, b in zip(grads_chunked, grads_full):
-        assert torch.allclose(a, b, atol=1e-5, rtol=0)
-    assert grads_chunked[1][0].abs().max() == 0  # padding row: never a competitor, no gradient
+    for x, y in zip(grads_chunked, grads_full):  # float32 sums in another order: 1e-5 of the gradient's size
+        assert torch.allclose(x, y, atol=1e-5, rtol=1e-5)
+    for padding_grad in grads_chunked[1:]:  # padding item: never a competitor, no gradient
+        assert padding_grad[0].abs().max() == 0
+
+
+def test_e4srec_chunked_loss_equals_full_ce_in_value_and_gradients(tiny_backbone_dir):
+    """E4SRec's forward with targets (llm_train.loss=ce_chunked) is the cross-entropy of its logits."""
+    from llmd4rec.models.e4srec import E4SRec
+
+    cfg = load_config(None, [f"llm.backbone={tiny_backbone_dir}", "llm.keep_layers=null", "llm.max_len=6",
+                             "llm.lora_dropout=0"]).llm
+    torch.manual_seed(0)
+    model = E4SRec(cfg, torch.randn(41, 8))
+    x = torch.tensor([[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11], [0, 0, 0, 0, 12, 13]])
+    rows, cols = (x > 0).nonzero(as_tuple=True)
+    targets = torch.randint(1, 41, (len(rows),))
+    results = []
+    for chunked in (False, True):
+        model.zero_grad()
+        if chunked:
+            loss = model(x, rows, cols, targets, item_chunk=16).mean()
+        else:
+            logits = model(x, rows, cols)
+            logits[:, 0] = float("-inf")
+            loss = torch.nn.functional.cross_entropy(logits, targets)
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+    (full, grads_full), (chunked, grads_chunked) = results
+    assert torch.allclose(chunked, full, atol=1e-5, rtol=0)
+    for k in grads_full:
+        assert torch.allclose(grads_chunked[k], grads_full[k], atol=1e-5, rtol=0), k
+
+
+def test_chunked_cross_entropy_needs_a_positive_chunk():
+    with pytest.raises(ValueError, match="item_chunk"):
+        chunked_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), None, torch.tensor([1, 2]), 0)
 
 
 @pytest.mark.parametrize("tie_weights", [True, False])

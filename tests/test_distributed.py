@@ -113,8 +113,9 @@ def test_sasrec_lastfm_two_processes_match_one(shared_data, tmp_path):
     assert _single_process_eval(model, split, cfg) == {"valid": b["valid"], "test": b["test"]}
 
 
-PARALLEL = {"ddp": [], "fsdp": ["llm_train.fsdp=true"], "zero2": ["llm_train.zero_stage=2"],
-            "zero3": ["llm_train.zero_stage=3"]}
+CHUNKED = ["llm_train.loss=ce_chunked", "llm_train.item_chunk=16"]
+PARALLEL = {"ddp": [], "fsdp": ["llm_train.fsdp=true"] + CHUNKED, "zero2": ["llm_train.zero_stage=2"],
+            "zero3": ["llm_train.zero_stage=3"] + CHUNKED}
 
 
 @pytest.mark.parametrize("parallel", list(PARALLEL))
@@ -122,7 +123,8 @@ def test_tiny_e4srec_two_processes_match_one(tmp_path, parallel):
     """A random 2-layer Qwen2 through the LLM recipe, 2 epochs with gradient accumulation over 2 micro-batches
     (DDP skips the all-reduce on the first); batches of 17 samples end each epoch with a single user, so one rank's
     shard is empty. With FSDP or ZeRO-3 each rank holds half of every layer, the prompt runs inline in the packed
-    rows, and checkpoints are gathered into full tensors; ZeRO-2 partitions the gradients and Adam moments.
+    rows, and checkpoints are gathered into full tensors; ZeRO-2 partitions the gradients and Adam moments. The
+    FSDP and ZeRO-3 runs stream W_out's softmax over item chunks (ce_chunked) against the one process's full CE.
     The DeepSpeed runs are killed as epoch 2's validation begins and resumed from epoch 1's checkpoint, whose Adam
     moments go back into ZeRO's partitions. Tolerance: loss within 1e-4 relative, validation metrics within one
     user's worth (1 / 60); the 2-process evaluation of the best checkpoint equals the 1-process one exactly."""

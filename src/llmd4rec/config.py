@@ -50,9 +50,9 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
-    loss: str = "ce"  # ce | ce_chunked | sampled_ce | bce
+    loss: str = "ce"  # ce | ce_chunked | sampled_ce | bce (the LLM: ce | ce_chunked)
     n_negatives: int = 256
-    item_chunk: int = 65536  # ce_chunked: items per chunk, so memory stays positions x item_chunk floats
+    item_chunk: int = 65536  # ce_chunked: items per chunk, so memory stays samples x item_chunk floats
     patience: int = 10
     eval_every: int = 1
     grad_clip: float = 5.0

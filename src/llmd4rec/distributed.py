@@ -302,6 +302,9 @@ def zero_engine(model: torch.nn.Module, opt: torch.optim.Optimizer, stage: int, 
               "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16},
               "steps_per_print": 2 ** 31}
     engine, zopt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    if stage == 3 and tc.loss == "ce_chunked":  # E4SRec's forward then reads W_out itself, not through its call
+        for p in model.w_out.parameters():
+            deepspeed.zero.register_external_parameter(model, p)
     for k, p in named:
         _set_zero_full(p, masters[k].to(p.device))
     if carried:

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import E4SRecConfig
 from ..errors import InputError
+from .chunked import chunked_cross_entropy
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -289,22 +290,31 @@ class E4SRec(nn.Module):
         return out
 
     def prefix_logits(self, histories: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Logits [N, n_items + 1] for the prefixes histories[rows[i], :cols[i] + 1] (training samples).
-
-        With cfg.all_prefix every user runs once for all its prefixes; otherwise each prefix is its own sample.
-        """
-        self._check_prefixes(histories, rows, cols)
-        if self.cfg.all_prefix:
-            state = self.prefix_states(histories, rows, cols)
-        else:
-            width = histories.shape[1]
-            src = torch.arange(width, device=histories.device) - (width - 1 - cols)[:, None]
-            state = self.encode(histories[rows].gather(1, src.clamp(min=0)).masked_fill(src < 0, 0))
+        """Logits [N, n_items + 1] for the prefixes histories[rows[i], :cols[i] + 1] (training samples)."""
+        state = self.sample_states(histories, rows, cols)
         return self.w_out(state.to(self.w_out.weight.dtype)).float()  # a module call: ZeRO-3 gathers W_out
 
-    def forward(self, histories: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """`prefix_logits` as the module call, so wrappers that hook calls (DistributedDataParallel) see training."""
-        return self.prefix_logits(histories, rows, cols)
+    def sample_states(self, histories: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Last hidden state [N, D] of each training prefix: all of a user's prefixes in one pass with
+        cfg.all_prefix, else each prefix as its own sample."""
+        self._check_prefixes(histories, rows, cols)
+        if self.cfg.all_prefix:
+            return self.prefix_states(histories, rows, cols)
+        width = histories.shape[1]
+        src = torch.arange(width, device=histories.device) - (width - 1 - cols)[:, None]
+        return self.encode(histories[rows].gather(1, src.clamp(min=0)).masked_fill(src < 0, 0))
+
+    def forward(self, histories: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                targets: torch.Tensor | None = None, item_chunk: int = 0) -> torch.Tensor:
+        """`prefix_logits` as the module call, so wrappers that hook calls (DDP, FSDP, DeepSpeed) see training.
+
+        With targets: each prefix's cross-entropy over items 1..N instead, streamed over `item_chunk` items of
+        W_out at a time (llm_train.loss=ce_chunked), so no prefixes x items matrix is built."""
+        if targets is None:
+            return self.prefix_logits(histories, rows, cols)
+        state = self.sample_states(histories, rows, cols)
+        w = self.w_out.weight
+        return chunked_cross_entropy(state.to(w.dtype), w, self.w_out.bias, targets, item_chunk).float()
 
     # ---- weights ----
 

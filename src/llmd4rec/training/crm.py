@@ -15,6 +15,7 @@ from .. import distributed
 from ..config import Config, TrainConfig
 from ..data.dataset import Split, all_positions
 from ..evaluation import evaluate_split
+from ..models.chunked import chunked_cross_entropy
 from ..models.sasrec import SASRec
 from ..pretrained import load_data
 from ..runs import format_table, log_metrics, make_run_dir, seed_everything, truncate_metrics, write_results
@@ -30,34 +31,6 @@ def trim_padding(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.
     used = (x > 0).any(0).nonzero()
     start = int(used[0, 0]) if len(used) else x.shape[1] - 1
     return x[:, start:], y[:, start:]
-
-
-class ChunkedLogSumExp(torch.autograd.Function):
-    """logsumexp over items 1..N of h @ w.T [P, N+1] (column 0, padding, left out), streamed over item chunks.
-
-    Backward recomputes each chunk's scores instead of keeping them, so memory is P x chunk floats whatever the
-    catalogue size, at the price of one more h @ w_chunk.T per chunk.
-    """
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, w: torch.Tensor, chunk: int) -> torch.Tensor:
-        lse = h.new_full((h.shape[0],), float("-inf"))
-        for lo in range(1, w.shape[0], chunk):
-            lse = torch.logaddexp(lse, (h @ w[lo:lo + chunk].T).logsumexp(1))
-        ctx.save_for_backward(h, w, lse)
-        ctx.chunk = chunk
-        return lse
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        h, w, lse = ctx.saved_tensors
-        grad_h, grad_w = torch.zeros_like(h), torch.zeros_like(w)
-        for lo in range(1, w.shape[0], ctx.chunk):
-            wc = w[lo:lo + ctx.chunk]
-            p = (h @ wc.T).sub_(lse[:, None]).exp_().mul_(grad[:, None])  # softmax x upstream gradient
-            grad_h.addmm_(p, wc)
-            grad_w[lo:lo + ctx.chunk] = p.T @ h
-        return grad_h, grad_w, None
 
 
 def rec_loss(model: SASRec, h: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig, gen: torch.Generator,
@@ -77,7 +50,7 @@ def rec_loss(model: SASRec, h: torch.Tensor, targets: torch.Tensor, cfg: TrainCo
     if cfg.loss == "ce_chunked":
         if cfg.item_chunk < 1:
             raise ValueError(f"crm_train.item_chunk must be at least 1, got {cfg.item_chunk}")
-        per_position = ChunkedLogSumExp.apply(h, w, cfg.item_chunk) - (h * w[targets]).sum(-1)
+        per_position = chunked_cross_entropy(h, w, None, targets, cfg.item_chunk)
         return (per_position.sum() / total if shard else per_position.mean()), None
     if cfg.loss == "sampled_ce":
         negs = torch.randint(1, model.n_items + 1, (cfg.n_negatives,), generator=gen).to(h.device)

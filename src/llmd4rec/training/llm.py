@@ -92,6 +92,11 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
             raise InputError("distillation runs with DDP: launch distill without FSDP or DeepSpeed")
         if fsdp and zero:
             raise InputError("FSDP and DeepSpeed ZeRO both asked for: choose one")
+    if tc.loss not in ("ce", "ce_chunked"):
+        raise InputError(f"llm_train.loss must be ce or ce_chunked, got '{tc.loss}'")
+    if tc.item_chunk < 1:
+        raise InputError(f"llm_train.item_chunk must be at least 1, got {tc.item_chunk}")
+    chunked = tc.loss == "ce_chunked" and kd is None  # distillation needs the full logits for its KL terms
     if fsdp:
         distributed.shard_model(model)  # before the optimizer: it must hold the sharded parameters
     if zero == 3:
@@ -122,7 +127,7 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
         if main:
             save_checkpoint(folder, "best", model.trainable_state_dict(), state={"epoch": 0, "valid": valid_m})
             log_metrics(run_dir, {"phase": phase, "epoch": 0, "valid": valid_m})
-    forward = model.prefix_logits
+    forward = model
     if zero:  # after the resume: ZeRO takes the loaded weights and Adam moments into its partitions
         forward, opt_state = distributed.zero_engine(model, opt, zero, tc, resumed)
     elif world > 1:
@@ -171,18 +176,22 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
             if zero:
                 forward.set_gradient_accumulation_boundary(stepping)
             with forward.no_sync() if world > 1 and not (fsdp or zero) and not stepping else nullcontext():
-                logits = forward(x, rows, cols)
-                logits[:, 0] = float("-inf")
                 tgt = y[rows, cols]
+                if chunked:
+                    per_sample = forward(x, rows, cols, tgt, tc.item_chunk)
+                else:
+                    logits = forward(x, rows, cols)
+                    logits[:, 0] = float("-inf")
+                    per_sample = F.cross_entropy(logits, tgt, reduction="none")
                 if world > 1:  # this rank's part of the batch mean, counted in full since DDP averages over ranks
-                    loss = F.cross_entropy(logits, tgt, reduction="sum") / n_batch
+                    loss = per_sample.sum() / n_batch
                     if kd is not None and len(tgt):
                         loss = loss + kd(users[rows.cpu()], cols.cpu(), logits, tgt) * (len(tgt) / n_batch)
                     scaled = loss * (world * weight)
                     if len(tgt) == 0:
                         scaled = scaled + distributed.touch(params)
                 else:
-                    loss = F.cross_entropy(logits, tgt)
+                    loss = per_sample.mean()
                     if kd is not None:
                         loss = loss + kd(users[rows.cpu()], cols.cpu(), logits, tgt)
                     scaled = loss
