@@ -54,9 +54,15 @@ def main() -> None:
         run_dir = Path(args.runs) / run_name
         return run_dir if (run_dir / "results.json").exists() else None
 
-    crm_run = args.crm_run or finished(f"{args.name}-sasrec") or crm.run(cfg(f"run_name={args.name}-sasrec"))
-    llm_run = args.llm_run or finished(f"{args.name}-e4srec") or llm.run(
-        cfg(f"run_name={args.name}-e4srec", f"crm_run={crm_run}"))
+    def run_or_resume(recipe, run_name: str, *extra: str) -> Path:
+        """A stopped run of that name is resumed, not started again over its files."""
+        run_dir = Path(args.runs) / run_name
+        resume = str(run_dir) if (run_dir / "config.yaml").exists() else None
+        return recipe.run(cfg(f"run_name={run_name}", *extra), resume)
+
+    crm_run = args.crm_run or finished(f"{args.name}-sasrec") or run_or_resume(crm, f"{args.name}-sasrec")
+    llm_run = args.llm_run or finished(f"{args.name}-e4srec") or run_or_resume(
+        llm, f"{args.name}-e4srec", f"crm_run={crm_run}")
     out = header(config_to_dict(cfg()))
     out.update({"preset": Path(args.config).name, "crm_run": str(crm_run), "llm_run": str(llm_run),
                 "ablations": {k: ABLATIONS[k] for k in args.only}, "rows": {}, "seconds": {}})
@@ -70,8 +76,8 @@ def main() -> None:
             rows = {"LLMD4Rec_C": first["crm"], "LLMD4Rec_L": first["llm"]}
         else:
             run_name = f"{args.name}-{name}"
-            run_dir = finished(run_name) or loop.run(cfg(f"run_name={run_name}", f"crm_run={crm_run}",
-                                                           f"llm_run={llm_run}", *ABLATIONS[name]))
+            run_dir = finished(run_name) or run_or_resume(loop, run_name, f"crm_run={crm_run}",
+                                                          f"llm_run={llm_run}", *ABLATIONS[name])
             results = json.loads((run_dir / "results.json").read_text())
             rows = results["rows"]
             t -= results.get("seconds", 0.0)  # a run finished earlier (or by a parallel launch) reports its own time

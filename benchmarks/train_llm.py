@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -22,7 +23,8 @@ from llmd4rec.training import llm  # noqa: E402
 
 def main() -> None:
     args = recipe_args(__doc__)
-    cfg = load_config(args.config, args.overrides + [f"run_name={args.name}"] * (args.resume is None))
+    run_name = f"run_name={args.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # a new folder for every new run
+    cfg = load_config(args.config, args.overrides + [run_name] * (args.resume is None))
     run_dir = llm.run(cfg, args.resume)
     results = json.loads((run_dir / "results.json").read_text())
     dataset, split = load_data(cfg)

@@ -304,6 +304,16 @@ def test_resume_with_another_command_is_refused(tmp_path, capsys):
     assert "holds a 'sasrec' run, not 'llmd4rec'" in _one_error_line(capsys.readouterr().err)
 
 
+def test_a_new_run_never_reuses_a_run_folder(tmp_path, capsys):
+    """The same run_name again is refused before any work, and the first run's files stay as they were."""
+    assert main(_crm_args(tmp_path, "crm", "crm_train.epochs=1")) == 0
+    before = {f.name: f.read_bytes() for f in (tmp_path / "crm").iterdir() if f.is_file()}
+    capsys.readouterr()
+    assert main(_crm_args(tmp_path, "crm", "crm_train.epochs=2")) == 2
+    assert "already holds a run: continue it with --resume" in _one_error_line(capsys.readouterr().err)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "crm").iterdir() if f.is_file()} == before
+
+
 def test_torn_metrics_line_does_not_swallow_the_next_record(tmp_path):
     from llmd4rec.runs import log_metrics, read_metrics
 

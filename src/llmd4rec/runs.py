@@ -36,7 +36,9 @@ def _probe_writable(path: Path) -> None:
 
 
 def make_run_dir(cfg: Config, kind: str, resume: str | None = None) -> Path:
-    """A new folder runs/<kind>-<dataset>-<time> (or the one being resumed), checked writable before any work.
+    """A new folder runs/<kind>-<dataset>-<time> or runs/<run_name> (or the one being resumed), checked writable
+    before any work. A run_name whose folder already holds a run is refused: a new run never mixes its metrics and
+    checkpoints into another's.
 
     A resumed folder must hold a run of the same kind (a train-crm run cannot be resumed by distill); a lost or
     damaged run.json is written again."""
@@ -60,6 +62,9 @@ def make_run_dir(cfg: Config, kind: str, resume: str | None = None) -> Path:
         return path
     name = cfg.run_name or f"{kind}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = Path(cfg.run_dir) / name
+    if (path / "config.yaml").exists() or (path / "run.json").exists():  # never train over another run's files
+        raise InputError("this run folder already holds a run: continue it with --resume, or choose another "
+                         "run_name", path)
     try:
         path.mkdir(parents=True, exist_ok=cfg.run_name is not None)
         _probe_writable(path)
