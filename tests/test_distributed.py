@@ -9,7 +9,6 @@ user batch exactly as one process does, so on the same checkpoint its metrics mu
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from llmd4rec.config import load_config
+from llmd4rec.distributed import free_port
 from llmd4rec.distill import loop
 from llmd4rec.evaluation import evaluate_split
 from llmd4rec.io import save_tensors
@@ -27,12 +27,6 @@ from llmd4rec.training import crm, llm
 
 METRICS = [f"{m}@{k}" for m in ("HR", "NDCG", "MRR") for k in (5, 10, 20)]
 RECIPES = {"crm": crm, "llm": llm, "distill": loop}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Killed(Exception):
@@ -59,7 +53,7 @@ def _worker(rank: int, world: int, port: int, recipe: str, config: str | None, o
 
 def _spawn(recipe: str, config: str | None, overrides: list[str], world: int = 2, resume: str | None = None,
            kill_at_eval: int = 0) -> None:
-    mp.spawn(_worker, args=(world, _free_port(), recipe, config, overrides, resume, kill_at_eval), nprocs=world,
+    mp.spawn(_worker, args=(world, free_port(), recipe, config, overrides, resume, kill_at_eval), nprocs=world,
              join=True)
 
 

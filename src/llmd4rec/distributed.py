@@ -54,7 +54,7 @@ def session(device_name: str, shards: bool = False, group: bool = False) -> Iter
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -68,7 +68,7 @@ def session(device_name: str, shards: bool = False, group: bool = False) -> Iter
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -308,9 +308,9 @@ def zero_engine(model: torch.nn.Module, opt: torch.optim.Optimizer, stage: int, 
     for k, p in named:
         _set_zero_full(p, masters[k].to(p.device))
     if carried:
+        step = next(iter(carried.values()))["step"]
         for flat in _zero_flat_partitions(zopt):
-            step = next(iter(carried.values()))["step"].clone()
-            zopt.optimizer.state[flat] = {"step": step, "exp_avg": torch.zeros_like(flat),
+            zopt.optimizer.state[flat] = {"step": step.clone(), "exp_avg": torch.zeros_like(flat),
                                           "exp_avg_sq": torch.zeros_like(flat)}
         if hasattr(zopt, "_lazy_init_hp_params_optimizer_state"):  # stages 1-2 map parameters to that state lazily
             zopt._lazy_init_hp_params_optimizer_state()
@@ -350,11 +350,6 @@ class ZeroAdamState:
 
     def __init__(self, zopt, named: list[tuple[str, torch.Tensor]]):
         self.zopt, self.named = zopt, named
-
-    @property
-    def param_groups(self) -> list[dict]:
-        hyper = {k: v for k, v in self.zopt.optimizer.param_groups[0].items() if k != "params"}
-        return [{**hyper, "params": [p for _, p in self.named]}]
 
     def master_weights(self) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param

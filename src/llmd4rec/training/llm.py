@@ -130,8 +130,8 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
     forward = model
     if zero:  # after the resume: ZeRO takes the loaded weights and Adam moments into its partitions
         forward, opt_state = distributed.zero_engine(model, opt, zero, tc, resumed)
-    elif world > 1:
-        forward = model if fsdp else distributed.ddp(model)
+    elif world > 1 and not fsdp:  # FSDP's units are hooked into the model itself
+        forward = distributed.ddp(model)
     if world > 1:
         distributed.offset_rng()
     sched = cosine_with_warmup(opt, tc.warmup_steps, tc.epochs * math.ceil(n_batches / tc.grad_accum))
