@@ -62,24 +62,70 @@ def test_chunked_cross_entropy_needs_a_positive_chunk():
         chunked_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), None, torch.tensor([1, 2]), 0)
 
 
-@pytest.mark.parametrize("tie_weights", [True, False])
-def test_ce_chunked_equals_ce_in_value_and_gradients(tie_weights):
+def _loss_and_grads(model, x, y, overrides, want_logits=False):
+    valid = y > 0
+    model.zero_grad()
+    loss, _ = rec_loss(model, model.hidden(x)[valid], y[valid], load_config(None, overrides).crm_train,
+                       torch.Generator(), want_logits=want_logits)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def _sasrec_batch(tie_weights=True):
     torch.manual_seed(0)
     model = SASRec(60, SASRecConfig(hidden=16, n_heads=2, dropout=0.0, max_len=8, tie_weights=tie_weights)).train()
     x = torch.tensor([[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11], [0, 0, 0, 0, 12, 13]])
     y = torch.tensor([[0, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 60], [0, 0, 0, 0, 13, 14]])
-    valid = y > 0
-    gen = torch.Generator()
-    results = []
-    for overrides in (["crm_train.loss=ce"], ["crm_train.loss=ce_chunked", "crm_train.item_chunk=16"]):
-        model.zero_grad()
-        loss, _ = rec_loss(model, model.hidden(x)[valid], y[valid], load_config(None, overrides).crm_train, gen)
-        loss.backward()
-        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
-    (full, grads_full), (chunked, grads_chunked) = results
+    return model, x, y
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_ce_chunked_equals_ce_in_value_and_gradients(tie_weights):
+    model, x, y = _sasrec_batch(tie_weights)
+    fp32 = ["crm_train.precision=float32"]
+    full, grads_full = _loss_and_grads(model, x, y, fp32 + ["crm_train.loss=ce"])
+    chunked, grads_chunked = _loss_and_grads(model, x, y, fp32 + ["crm_train.loss=ce_chunked", "crm_train.item_chunk=16"])
     assert torch.allclose(chunked, full, atol=1e-5, rtol=0)
     for k in grads_full:
         assert torch.allclose(grads_chunked[k], grads_full[k], atol=1e-5, rtol=0), k
+
+
+@pytest.mark.parametrize("loss", [["crm_train.loss=ce"], ["crm_train.loss=ce_chunked", "crm_train.item_chunk=16"]])
+@pytest.mark.parametrize("want_logits", [False, True])  # row-blocked CE, or materialised logits for a KD term
+def test_bf16_scores_match_float32_within_bfloat16_rounding(loss, want_logits, monkeypatch):
+    """bfloat16 rounds h and w to 8 significant bits before the matmuls: loss and gradients move by well under 1%,
+    whichever path computes them; the row blocks are exercised by a block size smaller than the batch."""
+    from llmd4rec.models import bf16
+
+    monkeypatch.setattr(bf16, "ROW_BLOCK", 5)
+    model, x, y = _sasrec_batch()
+    ref, grads_ref = _loss_and_grads(model, x, y, loss + ["crm_train.precision=float32"], want_logits)
+    low, grads_low = _loss_and_grads(model, x, y, loss + ["crm_train.precision=bfloat16"], want_logits)
+    assert abs(float(low - ref)) < 2e-3 * float(ref)
+    for k in grads_ref:
+        err = (grads_low[k] - grads_ref[k]).norm() / grads_ref[k].norm().clamp(min=1e-12)
+        assert err < 1e-2, (k, float(err))
+    assert float((grads_low["item_emb.weight"] - grads_ref["item_emb.weight"]).abs().max()) > 0  # bf16 really ran
+
+
+def test_bf16_cross_entropy_with_bias_matches_float32():
+    from llmd4rec.models.bf16 import bf16_cross_entropy
+
+    g = torch.Generator().manual_seed(1)
+    h = (2 * torch.randn(300, 8, generator=g)).requires_grad_()
+    w = torch.randn(41, 8, generator=g).requires_grad_()
+    b = torch.randn(41, generator=g).requires_grad_()
+    t = torch.randint(1, 41, (300,), generator=g)
+    logits = h @ w.T + b
+    logits[:, 0] = float("-inf")
+    ref = torch.nn.functional.cross_entropy(logits, t, reduction="none")
+    grads_ref = torch.autograd.grad(ref.sum(), (h, w, b))
+    low = bf16_cross_entropy(h, w, b, t)
+    grads_low = torch.autograd.grad(low.sum(), (h, w, b))
+    assert abs(float(low.detach().mean() / ref.detach().mean()) - 1) < 1e-2  # scores of size ~20 here: bf16 moves each by ~0.1
+    for a, r in zip(grads_low, grads_ref):
+        assert (a - r).norm() / r.norm() < 1e-2
+    assert grads_low[1][0].abs().max() == 0 and grads_low[2][0] == 0  # padding never competes
 
 
 def test_item_chunk_must_be_positive():

@@ -53,6 +53,7 @@ class TrainConfig:
     loss: str = "ce"  # ce | ce_chunked | sampled_ce | bce (the LLM: ce | ce_chunked)
     n_negatives: int = 256
     item_chunk: int = 65536  # ce_chunked: items per chunk, so memory stays samples x item_chunk floats
+    precision: str = "bfloat16"  # float32 | bfloat16: the item-score matmuls of the CRM's training loss (models/bf16.py)
     patience: int = 10
     eval_every: int = 1
     grad_clip: float = 5.0

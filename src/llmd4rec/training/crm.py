@@ -15,6 +15,7 @@ from .. import distributed
 from ..config import Config, TrainConfig
 from ..data.dataset import Split, all_positions
 from ..evaluation import evaluate_split
+from ..models.bf16 import bf16_cross_entropy, bf16_scores
 from ..models.chunked import chunked_cross_entropy
 from ..models.sasrec import SASRec
 from ..pretrained import load_data
@@ -34,8 +35,12 @@ def trim_padding(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def rec_loss(model: SASRec, h: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig, gen: torch.Generator,
-             shard: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             shard: tuple[int, int] | None = None, want_logits: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Recommendation loss over valid positions; returns the full logits too when the loss computed them.
+
+    want_logits (a KD term follows): `ce` then materialises the [positions, items] logits even in bfloat16, where it
+    would otherwise stream them in row blocks.
 
     shard=(offset, total): h holds positions offset..offset+len(h) of a batch of `total` positions split over
     processes. The loss is then this part's sum / total (the parts add up to the batch mean; an empty part gives 0)
@@ -43,14 +48,17 @@ def rec_loss(model: SASRec, h: torch.Tensor, targets: torch.Tensor, cfg: TrainCo
     """
     w = model.output_weight
     reduction, total = ("sum", shard[1]) if shard else ("mean", 1)
+    bf16 = cfg.precision == "bfloat16"
+    if cfg.loss == "ce" and bf16 and not want_logits:
+        per_position = bf16_cross_entropy(h, w, None, targets)
+        return (per_position.sum() / total if shard else per_position.mean()), None
     if cfg.loss == "ce":
-        logits = h @ w.T
-        logits[:, 0] = float("-inf")
+        logits = score_logits(h, w, bf16)
         return F.cross_entropy(logits, targets, reduction=reduction) / total, logits
     if cfg.loss == "ce_chunked":
         if cfg.item_chunk < 1:
             raise ValueError(f"crm_train.item_chunk must be at least 1, got {cfg.item_chunk}")
-        per_position = chunked_cross_entropy(h, w, None, targets, cfg.item_chunk)
+        per_position = chunked_cross_entropy(h, w, None, targets, cfg.item_chunk, bf16)
         return (per_position.sum() / total if shard else per_position.mean()), None
     if cfg.loss == "sampled_ce":
         negs = torch.randint(1, model.n_items + 1, (cfg.n_negatives,), generator=gen).to(h.device)
@@ -69,6 +77,13 @@ def rec_loss(model: SASRec, h: torch.Tensor, targets: torch.Tensor, cfg: TrainCo
                                                   torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]),
                                                   reduction=reduction) / (2 * total if shard else 1), None
     raise ValueError(f"unknown crm_train.loss '{cfg.loss}' (ce, ce_chunked, sampled_ce or bce)")
+
+
+def score_logits(h: torch.Tensor, w: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """Training logits over all items, padding column at -inf."""
+    logits = bf16_scores(h, w) if bf16 else h @ w.T
+    logits[:, 0] = float("-inf")
+    return logits
 
 
 class _Hidden(nn.Module):
@@ -141,11 +156,10 @@ def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str 
             valid = y > 0
             n_valid = int(valid.sum())
             h = hidden(x)[valid]
-            loss, logits = rec_loss(model, h, y[valid], tc, gen, shard)
+            loss, logits = rec_loss(model, h, y[valid], tc, gen, shard, want_logits=kd is not None)
             if kd is not None and n_valid:
                 if logits is None:
-                    logits = h @ model.output_weight.T
-                    logits[:, 0] = float("-inf")
+                    logits = score_logits(h, model.output_weight, tc.precision == "bfloat16")
                 r, c = (targets[rows] > 0).nonzero(as_tuple=True)  # same row-major order as `valid`
                 kd_loss = kd(rows[r], c, logits, y[valid])  # a mean over this rank's positions
                 loss = loss + (kd_loss * (n_valid / shard[1]) if shard else kd_loss)
