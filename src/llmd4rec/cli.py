@@ -21,13 +21,26 @@ def _config(args: argparse.Namespace):
 def cmd_data_stats(args: argparse.Namespace) -> None:
     from .data.registry import load_dataset
 
-    stats = load_dataset(args.dataset, args.data_dir).stats()
+    from .data.text import attach_item_text, read_text_table, text_coverage
+
+    dataset = load_dataset(args.dataset, args.data_dir)
+    if args.item_text:
+        attach_item_text(dataset, read_text_table(args.item_text), args.item_text)
+    stats = {**dataset.stats(), "items_with_text": text_coverage(dataset)}
     if args.json:
         print(json.dumps(stats))
         return
-    for key in ("dataset", "users", "items", "interactions", "avg_len", "density"):
+    for key in ("dataset", "users", "items", "interactions", "avg_len", "density", "items_with_text"):
         value = stats[key]
         print(f"{key:>13}: {value:,}" if isinstance(value, int) else f"{key:>13}: {value}")
+
+
+def cmd_data_item_text(args: argparse.Namespace) -> None:
+    from .data.text import build_amazon_item_text
+
+    counts = build_amazon_item_text(args.meta, args.asin_map, args.out)
+    print(f"wrote {args.out}: {counts['items']} items, {counts['with_metadata']} found in the metadata, "
+          f"{counts['with_title']} with a title")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -129,7 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--dataset", required=True)
     st.add_argument("--data-dir")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--item-text", help="CSV/TSV of item id and text columns (as data.item_text)")
     st.set_defaults(func=cmd_data_stats)
+    it = data.add_parser("item-text", help="build item_text.tsv from Amazon 2014 metadata and an item_id/asin map")
+    it.add_argument("--meta", required=True, help="meta_CATEGORY.json.gz (JSON or Python-literal dicts per line)")
+    it.add_argument("--asin-map", required=True, help="item_id<TAB>asin per line, e.g. item_asin.tsv")
+    it.add_argument("--out", required=True)
+    it.set_defaults(func=cmd_data_item_text)
 
     ev = sub.add_parser("evaluate", help="full-ranking metrics of a run folder, or of MostPop")
     ev.add_argument("run_dir", nargs="?")

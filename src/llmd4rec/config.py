@@ -22,6 +22,7 @@ class DataConfig:
     synthetic_users: int = 2000
     synthetic_items: int = 500
     seed: int = 0
+    item_text: str | None = None  # CSV/TSV of item id and text columns; else the text shipped beside the dataset
 
 
 @dataclass
@@ -42,6 +43,7 @@ class SASRecConfig:
     dropout: float = 0.2
     max_len: int = 50
     tie_weights: bool = True
+    text_init: bool = False  # item table starts from the text embeddings (section `text`), PCA-projected to `hidden`
 
 
 @dataclass
@@ -83,6 +85,18 @@ class E4SRecConfig:
     max_len: int = 50
     share_prefix: bool = True
     all_prefix: bool = True
+    item_text: bool = False  # item tokens W_in(id) + W_txt(text embedding); off: the paper's ID-only E4SRec
+
+
+@dataclass
+class TextConfig:
+    """How the frozen LLM reads item text (text_embeddings.py): used by llm.item_text and crm.text_init."""
+    backbone: str = "smollm2"  # any backbone llm.backbone accepts; its full depth is used
+    fields: list[str] = field(default_factory=list)  # text fields to read, in order; empty: all but ids (asin)
+    pooling: str = "mean"  # mean | last: the final hidden states averaged over the text's tokens, or the last one
+    max_tokens: int = 64  # longer texts are cut
+    batch_size: int = 32
+    dtype: str = "bfloat16"  # the backbone's compute dtype while reading (float32 | bfloat16)
 
 
 @dataclass
@@ -117,6 +131,7 @@ class Config:
     llm_train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=3, batch_size=16, lr=3e-4, weight_decay=0.1, patience=2, warmup_steps=100, grad_clip=1.0))
     distill: DistillConfig = field(default_factory=DistillConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     crm_run: str | None = None  # reuse a trained CRM run folder
     llm_run: str | None = None  # reuse a trained LLM run folder
 

@@ -27,8 +27,12 @@ class LoadedRun:
 def load_data(cfg: Config) -> tuple[Dataset, Split]:
     from .data.registry import load_dataset
 
+    from .data.text import attach_item_text, read_text_table
+
     dataset = load_dataset(cfg.data.name, cfg.data.data_dir, synthetic_users=cfg.data.synthetic_users,
                            synthetic_items=cfg.data.synthetic_items, seed=cfg.data.seed)
+    if cfg.data.item_text:
+        attach_item_text(dataset, read_text_table(cfg.data.item_text), cfg.data.item_text)
     return dataset, leave_one_out(dataset)
 
 

@@ -18,6 +18,7 @@ class Dataset:
     item_ids: list[str]  # item_ids[i] = original id of internal id i; item_ids[0] = "<pad>"
     user_ids: list[str]
     titles: list[str] | None = None  # titles[i] for internal id i, "" where unknown
+    item_text: dict[str, list[str]] | None = None  # field -> text of internal id i, "" where unknown (data/text.py)
     source: str = ""
 
     @property

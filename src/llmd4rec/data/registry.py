@@ -24,6 +24,7 @@ from ..io import atomic_write_text, sha256_file
 from . import readers
 from .dataset import Dataset
 from .synthetic import generate
+from .text import attach_item_text, find_item_text
 
 _S3REC = "https://raw.githubusercontent.com/RUCAIBox/CIKM2020-S3Rec/master/data/"
 _GROUPLENS = "https://files.grouplens.org/datasets/movielens/"
@@ -107,7 +108,9 @@ def load_dataset(
         path, reader = _local(source, Path(root))
     else:
         path, reader = _cached(source)
-    return reader(path, key)
+    dataset = reader(path, key)
+    table = find_item_text(path)
+    return dataset if table is None else attach_item_text(dataset, table, path)
 
 
 def _local(source: Source, root: Path) -> tuple[Path, Callable[[Path, str], Dataset]]:

@@ -72,12 +72,14 @@ def generate(n_users: int = 2000, n_items: int = 500, seed: int = 0) -> Dataset:
             rows = np.flatnonzero(topic == t)
             pick = np.minimum(np.searchsorted(cdfs[t], draw[rows], side="right"), len(members[t]) - 1)
             steps[rows, s] = members[t][pick] + 1
+    titles = [""] + _titles(topic_of, n_topics, rng)
     return Dataset(
         name="synthetic",
         sequences=[steps[u, : lengths[u]].tolist() for u in range(n_users)],
         n_items=n_items,
         item_ids=["<pad>"] + [str(i) for i in range(1, n_items + 1)],
         user_ids=[str(u) for u in range(1, n_users + 1)],
-        titles=[""] + _titles(topic_of, n_topics, rng),
+        titles=titles,
+        item_text={"title": titles},  # the words follow the topics: text that says which items go together
         source=f"synthetic(users={n_users}, items={n_items}, seed={seed})",
     )

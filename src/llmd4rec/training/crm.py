@@ -19,6 +19,7 @@ from ..models.bf16 import bf16_cross_entropy, bf16_scores
 from ..models.chunked import chunked_cross_entropy
 from ..models.sasrec import SASRec
 from ..pretrained import load_data
+from ..text_embeddings import init_item_table_from_text
 from ..runs import format_table, log_metrics, make_run_dir, seed_everything, truncate_metrics, write_results
 from .checkpoint import has_checkpoint, load_checkpoint, load_weights, save_checkpoint
 
@@ -221,6 +222,8 @@ def run(cfg: Config, resume: str | None = None) -> Path:
         with distributed.main_first():  # one download, the others read the files
             dataset, split = load_data(cfg)
         model = SASRec(dataset.n_items, cfg.crm).to(device)
+        if cfg.crm.text_init and resume is None:
+            init_item_table_from_text(model, cfg, dataset)
         t0 = time.perf_counter()
         metrics = fit_crm(model, split, cfg, run_dir, resume=resume is not None)
         if distributed.is_main():
