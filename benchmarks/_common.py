@@ -141,6 +141,9 @@ def recipe_args(doc: str) -> argparse.Namespace:
     return p.parse_args()
 
 
+RESULT_HELP = "result file: NAME (benchmarks/results/NAME.json) or a path ending in .json"
+
+
 def result_path(name: str) -> Path:
     return RESULTS / f"{name}.json"
 

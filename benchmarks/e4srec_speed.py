@@ -29,7 +29,7 @@ from llmd4rec.data.registry import load_dataset
 from llmd4rec.models.e4srec import E4SRec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, write_result  # noqa: E402
+from _common import RESULT_HELP, header, write_result  # noqa: E402
 
 
 def batches(inputs, targets, batch, all_prefix):
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=64, help="users drawn from Beauty (their samples feed the steps)")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per path, after one warm-up step")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="e4srec_speed", help="result file: NAME (benchmarks/results/NAME.json) or a path ending in .json")
+    ap.add_argument("--out", default="e4srec_speed", help=RESULT_HELP)
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, write_result  # noqa: E402
+from _common import RESULT_HELP, header, write_result  # noqa: E402
 
 from llmd4rec.config import config_to_dict, load_config  # noqa: E402
 from llmd4rec.evaluation import evaluate_split  # noqa: E402
@@ -20,7 +20,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--dataset", default="beauty")
     p.add_argument("--data-dir", default="../shared/data")
-    p.add_argument("--out", help="result file: NAME (benchmarks/results/NAME.json) or a path ending in .json")
+    p.add_argument("--out", help=RESULT_HELP)
     args = p.parse_args()
     cfg = load_config(None, [f"data.name={args.dataset}", f"data.data_dir={args.data_dir}"])
     _, split = load_data(cfg)

@@ -24,7 +24,7 @@ nothing. Setup (kept out of git, see .gitignore):
     .venv-recbole/bin/pip install torch==2.13.0                      # the local CPU wheel, first
     .venv-recbole/bin/pip install --no-deps recbole==1.2.1            # its ray/thop/plotly are only for tuning
     .venv-recbole/bin/pip install "numpy<1.24" scipy pandas tqdm colorlog==4.7.2 colorama==0.4.4 \\
-        scikit-learn pyyaml tensorboard tabulate texttable psutil
+        scikit-learn pyyaml tensorboard tabulate texttable psutil safetensors
 
 Then: python benchmarks/recbole_compare.py --data-dir ../shared/data --epochs 40 --target-ndcg 0.05 --stop-at-target
 Writes benchmarks/results/sasrec_vs_recbole.json.
@@ -47,6 +47,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _common import RESULT_HELP, header, write_result  # noqa: E402
 from recbole_workers import HPARAMS  # noqa: E402
 
 DATASET_FILES = {"beauty": "Beauty/Beauty.txt", "lastfm": "LastFM/LastFM.txt"}
@@ -190,14 +191,13 @@ def main() -> None:
     p.add_argument("--omp-wait-policy", default="PASSIVE",
                    help="OMP_WAIT_POLICY for every worker ('' keeps the environment's): on a loaded machine a "
                         "spinning 2-thread OpenMP team is ~10x slower for small ops, on both sides")
-    p.add_argument("--out", default="sasrec_vs_recbole", help="result file: NAME (benchmarks/results/NAME.json) or a path ending in .json")
+    p.add_argument("--out", default="sasrec_vs_recbole", help=RESULT_HELP)
     args = p.parse_args()
     args.config = args.config or str(HERE.parent / "configs" / "sasrec" / f"{args.dataset}.yaml")
     order = args.order.split(",")
     if unknown := [n for n in order if n not in RUNS]:
         p.error(f"unknown runs in --order: {unknown}; choose from {list(RUNS)}")
 
-    from _common import header, write_result
 
     src = Path(args.data_dir) / DATASET_FILES[args.dataset]
     if any(RUNS[n][0] == "recbole" for n in order) and not Path(args.recbole_python).exists():

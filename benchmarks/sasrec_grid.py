@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, write_result  # noqa: E402
+from _common import RESULT_HELP, header, write_result  # noqa: E402
 
 GRID = {
     "d0.2": ["crm.dropout=0.2"],
@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--only", nargs="*", help="names from the grid")
     p.add_argument("--extra", nargs="*", default=[], help="overrides added to every row")
-    p.add_argument("--out", default="sasrec_grid_beauty", help="result file: NAME (benchmarks/results/NAME.json) or a path ending in .json")
+    p.add_argument("--out", default="sasrec_grid_beauty", help=RESULT_HELP)
     args = p.parse_args()
     names = args.only or list(GRID)
 

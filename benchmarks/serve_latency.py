@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import builds_on, header, write_result  # noqa: E402
+from _common import RESULT_HELP, builds_on, header, write_result  # noqa: E402
 
 from llmd4rec.config import load_config  # noqa: E402
 from llmd4rec.io import read_json  # noqa: E402
@@ -151,7 +151,7 @@ def main() -> None:
     p.add_argument("--data-dir", help="where the bundles' datasets live, if not where their configs say")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for a server's /health")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="serve_latency", help="result file: NAME (benchmarks/results/NAME.json) or a path ending in .json")
+    p.add_argument("--out", default="serve_latency", help=RESULT_HELP)
     args = p.parse_args()
     if not args.bundle and not args.from_run:
         p.error("give at least one --bundle or --from-run")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import builds_on, header, write_result  # noqa: E402
+from _common import RESULT_HELP, builds_on, header, write_result  # noqa: E402
 
 from llmd4rec.config import config_to_dict, load_config  # noqa: E402
 from llmd4rec.distill.loop import build_cache, kd_hook, sample_index  # noqa: E402
@@ -61,7 +61,7 @@ def main() -> None:
     p.add_argument("--llm-run", required=True)
     p.add_argument("--skip-online", action="store_true", help="skip the (slow) online-teacher epoch")
     p.add_argument("--epochs", type=int, default=3, help="epochs timed for plain and cached (the median is reported)")
-    p.add_argument("--out", default="upward_cache_speed", help="result file: NAME (benchmarks/results/NAME.json) or a path ending in .json")
+    p.add_argument("--out", default="upward_cache_speed", help=RESULT_HELP)
     args = p.parse_args()
     cfg = load_config(Path(args.llm_run) / "config.yaml", ["eval.memory_mb=256"])
     dataset, split = load_data(cfg)
