@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header  # noqa: E402
+from _common import header, write_result  # noqa: E402
 
 from llmd4rec.config import TrainConfig  # noqa: E402
 from llmd4rec.training.crm import rec_loss  # noqa: E402
@@ -77,6 +77,7 @@ def main() -> None:
     p.add_argument("--chunks", type=int, nargs="+", default=[TrainConfig().item_chunk, 8192],
                    help="item_chunk values to measure ce_chunked with")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--name", default="chunked_ce_memory", help="result file benchmarks/results/NAME.json")
     p.add_argument("--one", nargs=3, metavar=("LOSS", "ITEMS", "CHUNK"), help=argparse.SUPPRESS)  # one case (child)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -109,9 +110,7 @@ def main() -> None:
                   "measure": "torch.cuda.max_memory_allocated above the inputs" if device == "cuda"
                   else "peak RSS (ru_maxrss) above the RSS with the inputs in place, fresh subprocess per row"})
     out["rows"] = rows
-    path = Path(__file__).resolve().parent / "results" / "chunked_ce_memory.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_result(args.name, out)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ Rows: SASRec, E4SRec (the baselines), LLMD4Rec_C / LLMD4Rec_L (full method), and
 which is the same computation), without adaptive weights, without the embedding update, upward only
 (LLM -> CRM in one phase from the fixed E4SRec teacher, as DLLM2Rec-style methods), downward only.
 Writes benchmarks/results/NAME.json; every run folder stays under --runs. Runs already finished there (for example
-launched in parallel with `llmd4rec distill ... run_name=NAME-ABLATION`) are read, with the time they reported.
+launched in parallel with `llmd4rec distill ... run_name=NAME-ABLATION`) are read, with the time they reported,
+and listed in `read_back`; `total_seconds` sums every run's own time (baselines trained here included), while
+`wall_seconds` is this invocation's. `phases` holds each phase's validation NDCG@10 at its start and at its best
+distilled epoch.
 """
 
 from __future__ import annotations
@@ -13,14 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header  # noqa: E402
+from _common import builds_on, header, write_result  # noqa: E402
 
 from llmd4rec.config import config_to_dict, load_config  # noqa: E402
 from llmd4rec.distill import loop  # noqa: E402
+from llmd4rec.runs import read_metrics  # noqa: E402
 from llmd4rec.training import crm, llm  # noqa: E402
 
 ABLATIONS = {
@@ -31,6 +34,26 @@ ABLATIONS = {
     "upward_only": ["distill.direction=upward", "distill.rounds=1"],  # the LLM teacher never changes: one phase
     "downward_only": ["distill.direction=downward"],
 }
+
+
+def phase_validation(run_dir: Path) -> dict:
+    """Each distillation phase's validation NDCG@10 at its start (epoch 0: the weights it began from) and the best
+    of its distilled epochs, from the run's metrics.jsonl; `kept` says which the phase ended with."""
+    out = {}
+    for record in read_metrics(run_dir):
+        phase = record.get("phase", "")
+        if not phase.startswith("round") or "valid" not in record:
+            continue
+        row = out.setdefault(phase, {"start": None, "best_distilled": None})
+        value = record["valid"]["NDCG@10"]
+        if record.get("epoch") == 0:
+            row["start"] = value
+        elif row["best_distilled"] is None or value > row["best_distilled"]:
+            row["best_distilled"] = value
+    for row in out.values():
+        if row["start"] is not None and row["best_distilled"] is not None:
+            row["kept"] = "distilled" if row["best_distilled"] > row["start"] else "start"
+    return out
 
 
 def main() -> None:
@@ -44,8 +67,6 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     base = args.overrides + [f"run_dir={args.runs}"]
-    path = Path(__file__).resolve().parent / "results" / f"{args.name}.json"
-    t0 = time.perf_counter()
 
     def cfg(*extra: str):
         return load_config(args.config, base + list(extra))
@@ -60,36 +81,55 @@ def main() -> None:
         resume = str(run_dir) if (run_dir / "config.yaml").exists() else None
         return recipe.run(cfg(f"run_name={run_name}", *extra), resume)
 
-    crm_run = args.crm_run or finished(f"{args.name}-sasrec") or run_or_resume(crm, f"{args.name}-sasrec")
-    llm_run = args.llm_run or finished(f"{args.name}-e4srec") or run_or_resume(
-        llm, f"{args.name}-e4srec", f"crm_run={crm_run}")
-    out = header(config_to_dict(cfg()))
+    read_back: list[str] = []  # runs finished before this invocation: read, with the time they reported
+
+    def baseline(given: str | None, recipe, run_name: str, *extra: str) -> tuple[Path, float | None]:
+        """A given run (its time belongs to its own result file), or this suite's own, trained or read back."""
+        if given:
+            return Path(given), None
+        run_dir = finished(run_name)
+        if run_dir is not None:
+            read_back.append(run_name)
+        else:
+            run_dir = run_or_resume(recipe, run_name, *extra)
+        return run_dir, json.loads((run_dir / "results.json").read_text())["train_seconds"]
+
+    crm_run, crm_seconds = baseline(args.crm_run, crm, f"{args.name}-sasrec")
+    llm_run, llm_seconds = baseline(args.llm_run, llm, f"{args.name}-e4srec", f"crm_run={crm_run}")
+    out = header(config_to_dict(cfg()), builds_on(args.crm_run, args.llm_run))
     out.update({"preset": Path(args.config).name, "crm_run": str(crm_run), "llm_run": str(llm_run),
-                "ablations": {k: ABLATIONS[k] for k in args.only}, "rows": {}, "seconds": {}})
+                "made_runs": [str(r) for r, given in ((crm_run, args.crm_run), (llm_run, args.llm_run)) if not given],
+                "ablations": {k: ABLATIONS[k] for k in args.only}, "rows": {}, "runs": {}, "phases": {},
+                "seconds": {k: s for k, s in (("sasrec", crm_seconds), ("e4srec", llm_seconds)) if s is not None},
+                "read_back": read_back})
     for name in args.only:
-        t = time.perf_counter()
         if ABLATIONS[name] is None:
             full = finished(f"{args.name}-full")
             if full is None:
                 continue
             first = json.loads((full / "results.json").read_text())["history"][1]
             rows = {"LLMD4Rec_C": first["crm"], "LLMD4Rec_L": first["llm"]}
+            out["runs"][name] = str(full)
         else:
             run_name = f"{args.name}-{name}"
-            run_dir = finished(run_name) or run_or_resume(loop, run_name, f"crm_run={crm_run}",
-                                                          f"llm_run={llm_run}", *ABLATIONS[name])
+            run_dir = finished(run_name)
+            if run_dir is not None:
+                read_back.append(run_name)
+            else:
+                run_dir = run_or_resume(loop, run_name, f"crm_run={crm_run}", f"llm_run={llm_run}", *ABLATIONS[name])
             results = json.loads((run_dir / "results.json").read_text())
             rows = results["rows"]
-            t -= results.get("seconds", 0.0)  # a run finished earlier (or by a parallel launch) reports its own time
+            out["seconds"][name] = results["seconds"]  # the run's own time, whichever invocation ran it
+            out["runs"][name] = str(run_dir)
+            out["made_runs"].append(str(run_dir))
+            out["phases"][name] = phase_validation(run_dir)
         if name == "full":
             out["rows"].update(rows)
         else:
             out["rows"][f"{name} (CRM)"] = rows["LLMD4Rec_C"]
             out["rows"][f"{name} (LLM)"] = rows["LLMD4Rec_L"]
-        out["seconds"][name] = time.perf_counter() - t
-        out["total_seconds"] = time.perf_counter() - t0
-        path.write_text(json.dumps(out, indent=2) + "\n")  # written as rows arrive: a stopped suite keeps them
-    print(f"wrote {path}")
+        out["total_seconds"] = sum(out["seconds"].values())
+        write_result(args.name, out)  # written as rows arrive: a stopped suite keeps them
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """E4SRec training-step speed on real Beauty histories: plain per-sample vs prefix sharing vs all-prefix scoring.
 
 A step is forward + backward of the full cross-entropy over all items for a batch of (prefix -> next item)
-samples, the E4SRec training samples of METHOD.md §2. The three paths compute the same logits (tests/test_e4srec.py);
+samples, the E4SRec training samples of docs/method.md. The three paths compute the same logits (tests/test_e4srec.py);
 only their cost differs. Writes benchmarks/results/e4srec_speed.json.
 
     python benchmarks/e4srec_speed.py --data-dir ../shared/data --layers 30 --batch 16 --users 64
@@ -10,9 +10,7 @@ only their cost differs. Writes benchmarks/results/e4srec_speed.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import random
 import statistics
 import sys
@@ -28,8 +26,10 @@ import transformers
 from llmd4rec.config import E4SRecConfig
 from llmd4rec.data.dataset import all_positions, leave_one_out
 from llmd4rec.data.registry import load_dataset
-from llmd4rec.io import atomic_write_json
 from llmd4rec.models.e4srec import E4SRec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULT_HELP, header, write_result  # noqa: E402
 
 
 def batches(inputs, targets, batch, all_prefix):
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=64, help="users drawn from Beauty (their samples feed the steps)")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per path, after one warm-up step")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "e4srec_speed.json"))
+    ap.add_argument("--out", default="e4srec_speed", help=RESULT_HELP)
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -101,34 +101,22 @@ def main() -> None:
     inputs, targets = all_positions(train, cfg.max_len)  # every prefix -> next item (<= 50 targets per user)
 
     model = E4SRec(cfg, torch.randn(data.n_items + 1, 64) * 0.1).train()
-    load_start = os.getloadavg()
     rows = time_paths(model, inputs, targets, args.batch, args.steps)
     base = rows["plain"]["samples_per_second"]
-    result = {
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "machine": {"cores": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
-                    "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "loadavg_start": [round(x, 2) for x in load_start],
-                    "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-                    "note": "CPU cores shared with other processes during the run: absolute timings are noisy, "
-                            "ratios less so"},
-        "config": {"dataset": "beauty", "n_items": data.n_items, "users": len(train),
-                   "samples": int((targets != 0).sum()),
-                   "backbone": cfg.backbone, "layers": args.layers, "dtype": cfg.dtype, "batch": args.batch,
-                   "steps": args.steps, "max_len": cfg.max_len, "prompt_tokens": len(model.prompt_ids),
-                   "response_tokens": len(model.response_ids), "lora_r": cfg.lora_r, "seed": args.seed,
-                   "step": "forward + backward of full CE over all items (no optimizer step)",
-                   "statistic": "median over timed steps (paths run round-robin, one step each in turn)",
-                   "all_prefix_batch": "whole users until >= batch samples"},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "rows": rows,
-        "speedup_samples_per_second": {k: round(v["samples_per_second"] / base, 2) for k, v in rows.items()},
-    }
-    atomic_write_json(args.out, result)
+    result = header({"dataset": "beauty", "n_items": data.n_items, "users": len(train),
+                     "samples": int((targets != 0).sum()), "transformers": transformers.__version__,
+                     "backbone": cfg.backbone, "layers": args.layers, "dtype": cfg.dtype, "batch": args.batch,
+                     "steps": args.steps, "max_len": cfg.max_len, "prompt_tokens": len(model.prompt_ids),
+                     "response_tokens": len(model.response_ids), "lora_r": cfg.lora_r, "seed": args.seed,
+                     "step": "forward + backward of full CE over all items (no optimizer step)",
+                     "statistic": "median over timed steps (paths run round-robin, one step each in turn)",
+                     "all_prefix_batch": "whole users until >= batch samples"})
+    result["rows"] = rows
+    result["speedup_samples_per_second"] = {k: round(v["samples_per_second"] / base, 2) for k, v in rows.items()}
     for name, row in rows.items():
         print(f"{name:15s} {row['seconds_per_step']:7.3f} s/step  {row['samples_per_second']:8.2f} samples/s  "
               f"x{result['speedup_samples_per_second'][name]}")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header  # noqa: E402
+from _common import RESULT_HELP, header, write_result  # noqa: E402
 
 from llmd4rec.testing import save_tiny_backbone  # noqa: E402
 
@@ -326,7 +326,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--faults", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fault_injection.json"))
+    p.add_argument("--out", default="fault_injection", help=RESULT_HELP)
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--work", help="work folder (default: a temporary one, removed at the end)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -393,10 +393,8 @@ def main() -> None:
                       "threads": 1, "commands": {ph: ["python", "-m", "llmd4rec", *a] for ph, a in args_of.items()},
                       "reference_seconds": {ph: round(v["seconds"], 2) for ph, v in ref_info.items()}})
         out.update({"faults": rows, "summary": summary})
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
         print(json.dumps(summary, indent=2))
-        print(f"wrote {args.out}")
+        write_result(args.out, out)
     finally:
         if not args.keep and not args.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header  # noqa: E402
+from _common import RESULT_HELP, header, write_result  # noqa: E402
 
 from llmd4rec.config import config_to_dict, load_config  # noqa: E402
 from llmd4rec.evaluation import evaluate_split  # noqa: E402
@@ -20,7 +20,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--dataset", default="beauty")
     p.add_argument("--data-dir", default="../shared/data")
-    p.add_argument("--out")
+    p.add_argument("--out", help=RESULT_HELP)
     args = p.parse_args()
     cfg = load_config(None, [f"data.name={args.dataset}", f"data.data_dir={args.data_dir}"])
     _, split = load_data(cfg)
@@ -28,8 +28,7 @@ def main() -> None:
     out = header(config_to_dict(cfg))
     out["eval"] = {"mode": cfg.eval.mode, "exclude_seen": cfg.eval.exclude_seen, "users": len(split.test_targets)}
     out["metrics"] = {w: evaluate_split(model, split, cfg.eval, w) for w in ("valid", "test")}
-    path = Path(args.out or Path(__file__).resolve().parent / "results" / f"mostpop_{args.dataset}.json")
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    write_result(args.out or f"mostpop_{args.dataset}", out)
     print(json.dumps(out["metrics"]["test"], indent=1))
 
 

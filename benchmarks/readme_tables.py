@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,13 +60,19 @@ def speed_tables() -> str:
                   for k, v in e["rows"].items()]
     rb = _load("sasrec_vs_recbole")
     if rb:
-        parts.append("\n| SASRec epoch on Beauty (CE) | s/epoch | rows/epoch |\n|---|---|---|")
-        parts += [f"| {k} | {_f(v['seconds_per_epoch'], 1)} | {v['rows_per_epoch']:,} |" for k, v in rb["rows"].items()]
+        target = rb["config"].get("target_ndcg")
+        parts.append(f"\n| SASRec (CE) on {rb['config']['dataset']} | s/epoch | rows/epoch | anomaly detection "
+                     f"| epochs to valid NDCG@10 {_f(target, 3)} | s to it |\n|---|---|---|---|---|---|")
+        parts += [f"| {k} | {_f(v['seconds_per_epoch'], 1)} | {v['rows_per_epoch']:,} "
+                  f"| {'n/a' if 'anomaly_detection' not in v else 'on' if v['anomaly_detection'] else 'off'} "
+                  f"| {v.get('epochs_to_target') or 'n/a'} | {_f(v.get('seconds_to_target'), 0)} |"
+                  for k, v in rb["rows"].items()]
     ev = _load("eval_speed_beauty")
     if ev:
         parts.append(f"\n| full-ranking evaluation, {ev['users']:,} Beauty users x {ev['items']:,} items | seconds | "
-                     "peak RSS MB |\n|---|---|---|")
-        parts += [f"| {k} | {_f(v['seconds'], 1)} | {_f(v['peak_rss_mb'], 0)} |" for k, v in ev["rows"].items()]
+                     "peak RSS MB (row's own process) | of which ranking |\n|---|---|---|---|")
+        parts += [f"| {k} | {_f(v['seconds'], 1)} | {_f(v['peak_rss_mb'], 0)} | {_f(v.get('peak_above_start_mb'), 0)} |"
+                  for k, v in ev["rows"].items()]
     up = _load("upward_cache_speed")
     if up:
         parts.append(f"\n| upward phase, one SASRec epoch on {up['dataset']} | seconds |\n|---|---|")
@@ -112,6 +119,94 @@ def sharded_table() -> str:
     return "\n".join(parts).strip() or "`sharded_llm_*.json` not run yet."
 
 
+def _ndcg(r: dict | None, row: str | None = None, split: str = "test") -> float | None:
+    if r is None:
+        return None
+    m = r["rows"].get(row) if row else r.get("metrics")
+    return m[split]["NDCG@10"] if m else None
+
+
+def sasrec_notes() -> str:
+    ce, bce = _load("sasrec_beauty"), _load("sasrec_beauty_bce")
+    if ce is None:
+        return "`sasrec_beauty.json` not run yet."
+    out = [f"- A Beauty SASRec run took {_f(ce['total_seconds'] / 60, 0)} minutes here "
+           f"({_f(ce['seconds_per_epoch'], 0)} s per epoch, {ce['epochs_run']} epochs with early stopping, best "
+           f"epoch {ce['best_epoch']}; {_load_note(ce)})."]
+    if bce:
+        out.append(f"- The original one-negative BCE objective, same model and protocol, reaches "
+                   f"{_ndcg(bce) / _ndcg(ce):.0%} of its test NDCG@10.")
+    return "\n".join(out)
+
+
+def _load_note(r: dict) -> str:
+    m = r["machine"]
+    if "loadavg_start" not in m:
+        return "its result file predates the load records"
+    return (f"load average {m['loadavg_start'][0]:.1f} at the start and {m['loadavg_end'][0]:.1f} at the end on "
+            f"{m['cores']} cores, {m['torch_threads']} torch threads")
+
+
+def distill_notes(name: str) -> str:
+    r = _load(name)
+    if r is None:
+        return f"`{name}.json` not run yet."
+    rows = r["rows"]
+    out = [f"- Downward distillation: {r['config']['distill']['rounds']} rounds of the CRM teaching the LLM move "
+           f"E4SRec's test NDCG@10 from {_f(_ndcg(r, 'E4SRec'))} to {_f(_ndcg(r, 'LLMD4Rec_L'))} "
+           f"(SASRec: {_f(_ndcg(r, 'SASRec'))})."]
+    ablations = [f"{label} at {_f(_ndcg(r, row))}" for label, row in (
+        ("with one round (no loop)", "no_loop (LLM)"), ("without adaptive weights", "no_weights (LLM)"),
+        ("without the embedding update", "no_embedding_update (LLM)"), ("upward only", "upward_only (LLM)"))
+        if row in rows]
+    if ablations:
+        out.append("- The LLM ends " + ", ".join(ablations) + ".")
+    base = _load("e4srec_beauty_cpu") if name == "llmd4rec_beauty_cpu" else None
+    if base and base.get("run_dir") != r.get("llm_run"):
+        out.append(f"- The E4SRec baseline of the table above (`e4srec_beauty_cpu.json`, test NDCG@10 "
+                   f"{_f(_ndcg(base))}) is another run than this suite's starting E4SRec ({_f(_ndcg(r, 'E4SRec'))}).")
+    phases = r.get("phases")
+    if not phases:
+        out.append("- Validation NDCG@10 per distillation phase: this result file predates their record "
+                   "(`phases`, written by distill_suite.py).")
+        return "\n".join(out)
+    for ablation, by_phase in phases.items():
+        ups = [f"{phase} {_f(v['start'])} -> {_f(v['best_distilled'])} (kept {v.get('kept', 'n/a')})"
+               for phase, v in by_phase.items() if phase.endswith("-up")]
+        if ups:
+            out.append(f"- Upward phases of `{ablation}`, CRM validation NDCG@10 at the start -> best distilled "
+                       f"epoch: " + "; ".join(ups) + ".")
+    return "\n".join(out)
+
+
+def provenance_table() -> str:
+    out = ["| result file | commit | date | wall time | torch threads / cores | load avg start -> end |",
+           "|---|---|---|---|---|---|"]
+    for path in sorted(RESULTS.glob("*.json")):
+        r = json.loads(path.read_text())
+        m = r.get("machine", {})
+        commit = r["commit"][:10] + (" (dirty)" if r.get("dirty") else "") if r.get("commit") else "not recorded"
+        load = (f"{m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f}" if "loadavg_start" in m and
+                "loadavg_end" in m else "not recorded")
+        wall = r.get("wall_seconds")
+        out.append(f"| `{path.name}` | {commit} | {r.get('date', '')[:10]} | "
+                   f"{'not recorded' if wall is None else f'{wall / 60:.0f} min'} | "
+                   f"{m.get('torch_threads', '?')} / {m.get('cores', '?')} | {load} |")
+    return "\n".join(out)
+
+
+def run_all_note() -> str:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run_all
+
+    total, guessed = run_all.total_estimate()
+    pending = [n for n, s in run_all.STEPS.items() if s.pending]
+    return (f"`python benchmarks/run_all.py --data-dir ../shared/data --readme` regenerates every CPU result file "
+            f"from nothing in about {run_all.fmt_seconds(total)} on this machine (the steps' result files' own times"
+            + (f"; {guessed} steps without one yet count a guess" if guessed else "") + ")"
+            + (f"; steps still without arguments: {', '.join(pending)}" if pending else "") + ".")
+
+
 TABLES = {
     "sasrec": lambda: accuracy_table([("MostPop, Beauty", "mostpop_beauty"),
                                       ("SASRec (CE), Beauty", "sasrec_beauty"),
@@ -121,6 +216,11 @@ TABLES = {
                                       ("E4SRec (CPU preset), Beauty", "e4srec_beauty_cpu")]),
     "llmd4rec_beauty": lambda: distill_table("llmd4rec_beauty_cpu"),
     "llmd4rec_lastfm": lambda: distill_table("llmd4rec_lastfm_cpu"),
+    "sasrec_notes": sasrec_notes,
+    "llmd4rec_beauty_notes": lambda: distill_notes("llmd4rec_beauty_cpu"),
+    "llmd4rec_lastfm_notes": lambda: distill_notes("llmd4rec_lastfm_cpu"),
+    "provenance": provenance_table,
+    "run_all": run_all_note,
     "speed": speed_tables,
     "serve": serve_table,
     "sharded": sharded_table,

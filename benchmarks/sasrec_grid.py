@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header  # noqa: E402
+from _common import RESULT_HELP, header, write_result  # noqa: E402
 
 GRID = {
     "d0.2": ["crm.dropout=0.2"],
@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--only", nargs="*", help="names from the grid")
     p.add_argument("--extra", nargs="*", default=[], help="overrides added to every row")
-    p.add_argument("--out", default="benchmarks/results/sasrec_grid_beauty.json")
+    p.add_argument("--out", default="sasrec_grid_beauty", help=RESULT_HELP)
     args = p.parse_args()
     names = args.only or list(GRID)
 
@@ -55,8 +55,7 @@ def main() -> None:
             for n, r in results.items()}
     out = header({"base": args.config, "grid": {n: GRID[n] for n in names}, "extra": args.extra})
     out["rows"] = rows
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    write_result(args.out, out)
     for n, r in rows.items():
         if "valid" in r:
             print(f"{n:>14}: valid NDCG@10 {r['valid']['NDCG@10']:.4f}  test NDCG@10 {r['test']['NDCG@10']:.4f} "

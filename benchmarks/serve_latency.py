@@ -3,9 +3,11 @@
 For every concurrency level, `--requests` POST /recommend calls (real test-split histories of the bundle's
 dataset, k=10, exclude_seen) are shared by that many client tasks, stopping early at `--duration-limit`
 seconds; p50/p99 latency (ms) and requests/s are recorded per level. The client runs on the same machine, so
-on a small one the numbers include its CPU share.
+on a small one the numbers include its CPU share. A bundle is given as a folder (`--bundle NAME=PATH`) or made
+here from a run folder (`--from-run NAME=RUN_DIR[:crm|llm]`, exported with `llmd4rec export` into --bundle-dir);
+the result records each bundle's export command and the run it came from.
 
-  python benchmarks/serve_latency.py --bundle beauty-sasrec=bundles/beauty --concurrency 1 8 32 --requests 1000
+  python benchmarks/serve_latency.py --from-run beauty-sasrec=runs/all/sasrec_beauty/RUN --concurrency 1 8 32
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header  # noqa: E402
+from _common import RESULT_HELP, builds_on, header, write_result  # noqa: E402
 
 from llmd4rec.config import load_config  # noqa: E402
-from llmd4rec.io import atomic_write_json, read_json  # noqa: E402
+from llmd4rec.io import read_json  # noqa: E402
 from llmd4rec.pretrained import load_data  # noqa: E402
 
 
@@ -126,9 +128,21 @@ def bench_bundle(name: str, bundle: Path, args: argparse.Namespace) -> dict:
     return rows
 
 
+def export(name: str, spec: str, bundle_dir: Path) -> tuple[Path, dict]:
+    """RUN_DIR[:MODEL] -> a fresh bundle under bundle_dir, through the CLI; returns it and how it was made."""
+    run_dir, _, model = spec.partition(":")
+    out_dir = bundle_dir / name
+    cmd = [sys.executable, "-m", "llmd4rec", "export", run_dir, str(out_dir)] + (["--model", model] if model else [])
+    subprocess.run(cmd, check=True)
+    return out_dir, {"run": run_dir, "export_command": " ".join(["llmd4rec", *cmd[3:]])}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bundle", action="append", required=True, metavar="NAME=PATH", help="repeatable")
+    p.add_argument("--bundle", action="append", default=[], metavar="NAME=PATH", help="repeatable")
+    p.add_argument("--from-run", action="append", default=[], metavar="NAME=RUN_DIR[:MODEL]",
+                   help="repeatable: export the run's model (crm or llm) into --bundle-dir/NAME first")
+    p.add_argument("--bundle-dir", default=f"runs/bench/bundles/{time.strftime('%Y%m%d-%H%M%S')}")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=1000, help="requests per concurrency level")
     p.add_argument("--warmup", type=int, default=20)
@@ -137,19 +151,28 @@ def main() -> None:
     p.add_argument("--data-dir", help="where the bundles' datasets live, if not where their configs say")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for a server's /health")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results/serve_latency.json")
+    p.add_argument("--out", default="serve_latency", help=RESULT_HELP)
     args = p.parse_args()
-    bundles = {}
+    if not args.bundle and not args.from_run:
+        p.error("give at least one --bundle or --from-run")
+    bundles, made = {}, {}
     for spec in args.bundle:
         name, sep, path = spec.partition("=")
         if not sep or not name or not (Path(path) / "bundle.json").is_file():
             p.error(f"--bundle must be NAME=PATH to a bundle folder, got {spec!r}")
         bundles[name] = Path(path)
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "bundle")}
-    config["bundles"] = {name: {"path": str(path), **read_json(path / "bundle.json")} for name, path in bundles.items()}
-    result = {**header(config), "rows": {name: bench_bundle(name, path, args) for name, path in bundles.items()}}
-    atomic_write_json(args.out, result)
-    print(f"wrote {args.out}")
+        made[name] = {"run": None, "export_command": None}
+    for spec in args.from_run:
+        name, sep, run = spec.partition("=")
+        if not sep or not name or not (Path(run.partition(":")[0]) / "config.yaml").is_file():
+            p.error(f"--from-run must be NAME=RUN_DIR[:MODEL] with a run folder, got {spec!r}")
+        bundles[name], made[name] = export(name, run, Path(args.bundle_dir))
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "bundle", "from_run")}
+    config["bundles"] = {name: {"path": str(path), **made[name], **read_json(path / "bundle.json")}
+                         for name, path in bundles.items()}
+    result = header(config, builds_on(*(m["run"] for m in made.values())))
+    result["rows"] = {name: bench_bundle(name, path, args) for name, path in bundles.items()}
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Train E4SRec from a SASRec run through the CLI recipe; record its metrics next to that SASRec's, and time.
 
 Example: python benchmarks/train_llm.py --config configs/e4srec/beauty_cpu.yaml --name e4srec_beauty_cpu \
-             crm_run=runs/bench/sasrec_beauty data.data_dir=../shared/data
+             crm_run=runs/all/sasrec_beauty/RUN data.data_dir=../shared/data
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, recipe_args, write_result  # noqa: E402
+from _common import builds_on, header, recipe_args, write_result  # noqa: E402
 
 from llmd4rec.config import config_to_dict, load_config  # noqa: E402
 from llmd4rec.evaluation import evaluate_split  # noqa: E402
@@ -31,7 +31,7 @@ def main() -> None:
     crm_model = load_crm(Path(cfg.crm_run), dataset.n_items, cfg)
     crm_metrics = {w: evaluate_split(crm_model, split, cfg.eval, w) for w in ("valid", "test")}
     records = [r for r in read_metrics(run_dir) if r.get("phase") == "llm" and "loss" in r]
-    out = header(config_to_dict(cfg))
+    out = header(config_to_dict(cfg), builds_on(cfg.crm_run))
     out.update({
         "run_dir": str(run_dir),
         "preset": f"{cfg.llm.backbone}, keep_layers={cfg.llm.keep_layers}, "

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header  # noqa: E402
+from _common import RESULT_HELP, builds_on, header, write_result  # noqa: E402
 
 from llmd4rec.config import config_to_dict, load_config  # noqa: E402
 from llmd4rec.distill.loop import build_cache, kd_hook, sample_index  # noqa: E402
@@ -61,7 +61,7 @@ def main() -> None:
     p.add_argument("--llm-run", required=True)
     p.add_argument("--skip-online", action="store_true", help="skip the (slow) online-teacher epoch")
     p.add_argument("--epochs", type=int, default=3, help="epochs timed for plain and cached (the median is reported)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "upward_cache_speed.json"))
+    p.add_argument("--out", default="upward_cache_speed", help=RESULT_HELP)
     args = p.parse_args()
     cfg = load_config(Path(args.llm_run) / "config.yaml", ["eval.memory_mb=256"])
     dataset, split = load_data(cfg)
@@ -90,13 +90,13 @@ def main() -> None:
             rows[name] = {"epoch_seconds": statistics.median(times), "all_epochs": times}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out = header(config_to_dict(cfg))
+    out = header(config_to_dict(cfg), builds_on(args.crm_run, args.llm_run))
     out.update({"dataset": dataset.name, "crm_run": args.crm_run, "llm_run": args.llm_run, "rows": rows,
                 "cached_over_plain": rows["cached_teacher"]["epoch_seconds"] / rows["plain"]["epoch_seconds"]})
     if "online_teacher" in rows:
         out["online_over_plain"] = rows["online_teacher"]["epoch_seconds"] / rows["plain"]["epoch_seconds"]
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(rows, indent=1))
+    write_result(args.out, out)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Teacher cache: while one model is frozen for a phase, its logits are computed once per training sample and
-kept on disk, memory-mapped, so the frozen model never runs twice over a sample (METHOD.md §5).
+kept on disk, memory-mapped, so the frozen model never runs twice over a sample (docs/method.md, "Teacher cache").
 
 Layout of a cache folder (all arrays are `.npy`, readable with `np.load(..., mmap_mode="r")`):
 

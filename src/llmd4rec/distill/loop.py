@@ -1,5 +1,5 @@
 """Recipe: LLMD4Rec, alternating rounds of downward (SASRec teaches E4SRec) and upward (E4SRec teaches SASRec)
-distillation, each phase reading its frozen teacher from an on-disk cache (METHOD.md §3).
+distillation, each phase reading its frozen teacher from an on-disk cache (docs/method.md, "Schedule", "Teacher cache").
 
 Run folder: `crm0/`, `llm0/` (baselines, unless reused from crm_run / llm_run), then per round t
 `round{t}-down/` and `round{t}-up/` (checkpoints), `round{t}-cache-crm/`, `round{t}-cache-llm/` (teacher caches),

@@ -1,4 +1,5 @@
-"""The distillation term of METHOD.md §3: forward KL(teacher || student) at a temperature, one value per sample."""
+"""The distillation term of docs/method.md ("The losses"): forward KL(teacher || student) at a temperature, one
+value per sample."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
     that hold real items only. `mask` (bool, broadcastable to [S, N] over the full width N, True =
     keep) removes further columns from both distributions. Computed from log-softmax in float32 (float64
     when given), so large logits and low T (0.2) neither overflow nor give NaN. `t_squared` multiplies
-    by T^2 (Hinton's gradient-scale correction; off by default, METHOD.md §3).
+    by T^2 (Hinton's gradient-scale correction; off by default, docs/method.md).
     """
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
         raise ValueError(f"kd_kl wants two [S, N] tensors of one shape, got {tuple(student_logits.shape)} "

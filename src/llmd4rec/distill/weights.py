@@ -1,4 +1,5 @@
-"""Rank-based sample weights of METHOD.md §3: trust the teacher more where it ranks the truth better."""
+"""Rank-based sample weights of docs/method.md ("Sample weights"): trust the teacher more where it ranks the
+truth better."""
 
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
 """E4SRec: a Hugging Face causal LM reads projected item-ID embeddings and scores every item from its last hidden state.
 
 The sequence is [instruction tokens] + [one soft token per history item] + [response tokens]; the hidden state at
-the last response token goes through W_out to logits over all items (METHOD.md §2). Three exact ways to get them:
+the last response token goes through W_out to logits over all items (docs/method.md, "The two
+models"). Three exact ways to get them:
 
 - plain: one full sequence per sample (the reference),
 - prefix sharing: the instruction is the same for every sample, so it runs once and its KV cache is broadcast,
 - all-prefix: every prefix of a history in one pass; a 4D mask gives each prefix its own copy of the response
-  tokens, which sees the instruction, the items up to that prefix and nothing else (METHOD.md §5).
+  tokens, which sees the instruction, the items up to that prefix and nothing else (docs/method.md, "The two models").
 """
 
 from __future__ import annotations
