@@ -95,11 +95,12 @@ class SQLiteEventStore:
             cur = self._writer.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                for e in events:
-                    cur.execute("INSERT OR IGNORE INTO events (id, user, item, ts) VALUES (?, ?, ?, ?)",
-                                (e.id, e.user, e.item, e.ts))
-                    new.append(cur.rowcount == 1)
-                    if cur.rowcount == 1:
+                for e in events:  # looked up first: an ignored insert would still use up a seq
+                    fresh = cur.execute("SELECT 1 FROM events WHERE id = ?", (e.id,)).fetchone() is None
+                    new.append(fresh)
+                    if fresh:
+                        cur.execute("INSERT INTO events (id, user, item, ts) VALUES (?, ?, ?, ?)",
+                                    (e.id, e.user, e.item, e.ts))
                         seq = cur.lastrowid
                         cur.execute("INSERT OR IGNORE INTO users VALUES (?, ?)", (e.user, seq))
                         cur.execute("INSERT INTO items VALUES (?, ?, ?) ON CONFLICT (item) DO UPDATE SET "

@@ -37,7 +37,7 @@ def related_by_title(new_titles: dict[int, str | None], titles: list[str | None]
         for w in title_words(title):
             for i in postings.get(w, ()):
                 score[i] += math.log(n / len(postings[w]))
-        best = [i for i, s in score.most_common(k) if s > 0]
+        best = _top(score, k)
         if best:
             out[new] = best
     return out
@@ -51,7 +51,12 @@ def related_by_history(histories: list[list[int]], n_known: int, k: int) -> dict
             if item > n_known:
                 c = near.setdefault(item, Counter())
                 c.update(j for j in h[max(0, p - WINDOW):p + WINDOW + 1] if 0 < j <= n_known)
-    return {i: [j for j, _ in c.most_common(k)] for i, c in near.items() if c}
+    return {i: _top(c, k) for i, c in near.items() if c}
+
+
+def _top(score: Counter[int], k: int) -> list[int]:
+    """The k best-scoring ids with a positive score, ties broken by the smaller id."""
+    return sorted((i for i, s in score.items() if s > 0), key=lambda i: (-score[i], i))[:k]
 
 
 def grow_rows(weight: torch.Tensor, n_total: int, related: dict[int, list[int]]) -> torch.Tensor:

@@ -36,6 +36,7 @@ from .events import SQLiteEventStore
 from .export import write_bundle
 from .growth import grow_sasrec, related_by_history, related_by_title
 from .models.sasrec import SASRec
+from .runs import seed_everything
 from .serve import load_bundle
 
 
@@ -104,6 +105,7 @@ def update_bundle(bundle: str | Path, events: str | Path, out: str | Path | None
         raise InputError("update continues SASRec bundles only; export the CRM (--model crm)", source)
     cfg = load_config(source / "config.yaml", overrides)
     _check(cfg)
+    seed_everything(cfg.seed)
     if not Path(events).is_file():
         raise InputError("event store not found", events)
     store = SQLiteEventStore(events)
