@@ -51,6 +51,9 @@ class EventStore(Protocol):
     def items(self, upto: int | None = None) -> list[tuple[str, str | None]]:
         """Every item seen (seq <= upto) with its title, in order of first appearance."""
 
+    def stored(self, ids: list[str]) -> set[str]:
+        """Which of these event ids the store holds: a client unsure whether an append landed can ask."""
+
     def max_seq(self) -> int:
         """The newest event's seq (0 when empty): the watermark an update reading now would record."""
 
@@ -138,6 +141,14 @@ class SQLiteEventStore:
         rows = self._reader().execute("SELECT item, title FROM items WHERE first_seq <= ? ORDER BY first_seq",
                                       (_upto(upto),)).fetchall()
         return [(item, title) for item, title in rows]
+
+    def stored(self, ids: list[str]) -> set[str]:
+        db, out = self._reader(), set()
+        for start in range(0, len(ids), 500):  # SQLite's bound on query parameters
+            part = ids[start:start + 500]
+            rows = db.execute(f"SELECT id FROM events WHERE id IN ({','.join('?' * len(part))})", part).fetchall()
+            out.update(r[0] for r in rows)
+        return out
 
     def max_seq(self) -> int:
         return self._reader().execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]

@@ -8,7 +8,7 @@
 - A versioned bundle root (versions.py) is watched: when `current` names another version, the new bundle is loaded
   in a worker thread and swapped in between requests (ModelSlot); requests in flight finish on the old model.
   `POST /admin/reload` (bearer token from $LLMD4REC_ADMIN_TOKEN; absent: the endpoint answers 404) does the same
-  at once, optionally making another version current first (a rollback).
+  at once; `?version=N` makes version N current first (a rollback).
 
 No `from __future__ import annotations`: FastAPI and pydantic read the annotations as live objects.
 """
@@ -54,11 +54,6 @@ class EventIn(BaseModel):
 class EventBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     events: list[EventIn] = Field(min_length=1, max_length=MAX_EVENTS)
-
-
-class ReloadIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
-    version: Optional[str] = None
 
 
 def parse(model: type, obj: Any) -> Any:
@@ -165,18 +160,16 @@ def create_live_app(root: str | Path, events: str | Path | None = None, *, empty
     swapper = state["swapper"] = app.state.swapper = Swapper(app, root, empty_history)
 
     @app.post("/admin/reload")
-    async def reload(request: Request) -> Response:
+    async def reload(request: Request, version: Optional[str] = None) -> Response:
         if not admin_token:
             raise HTTPException(404, "Not Found")
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), admin_token.encode()):
             raise HTTPException(401, "missing or wrong admin token")
-        raw = await request.body()
-        body = parse(ReloadIn, await body_json(request, max_body_bytes) if raw else {})
-        if body.version is not None:
-            if not versions.is_versioned(root):
-                raise InputError("the served bundle is not a versioned folder; reload takes no version")
-            versions.set_current(root, body.version)
+        if version is not None:
+            if not versions.is_versioned(root) or not version.isdigit():
+                raise InputError("version must be a version number of a versioned bundle folder")
+            versions.set_current(root, version)
         await swapper.to(versions.current_version(root))
         return reply({"version": swapper.version, **slot.current[0].info()})
 
