@@ -93,7 +93,8 @@ def streaming_table() -> str:
     n = len(rows["no_update"]["chunks"])
     out = ["| strategy | NDCG@10 | HR@10 | " + " | ".join(f"chunk {c + 1} NDCG@10" for c in range(n))
            + " | s/update |", "|---|---|---|" + "---|" * n + "---|"]
-    for name, row in rows.items():
+    for name in ("no_update", "incremental", "retrain"):
+        row = rows[name]
         chunks = " | ".join(_f(c["NDCG@10"]) for c in row["chunks"])
         out.append(f"| {name} | {_f(row['overall']['NDCG@10'])} | {_f(row['overall']['HR@10'])} | {chunks} "
                    f"| {_f(row.get('seconds_per_update'), 1) if 'seconds_per_update' in row else ''} |")
@@ -106,9 +107,11 @@ def streaming_table() -> str:
         m = s[key]
         out.append(f"| {label} | {_f(m[rate], 0)} | {_f(m['p50_ms'], 1)} | {_f(m['p99_ms'], 1)} | {m['errors']} |")
     swaps = s["recommend_c8_during_swaps"]
-    out.append(f"
-{swaps['swaps']} swaps during the last row ({swaps['requests']} requests). Events per second are "
-               f"acknowledged (on disk) events; {r['machine']['cores']} cores shared by server and client.")
+    out.append(f"\n{swaps['swaps']} swaps of `current` during the last row ({swaps['requests']} requests). Events "
+               f"per second count acknowledged (on disk) events; {r['machine']['cores']} cores shared by server and "
+               f"client (load average {r['load_before']:.1f} at the start). Incremental updates: "
+               f"{sum(u['accepted'] for u in rows['incremental']['updates'])} of "
+               f"{len(rows['incremental']['updates'])} accepted. Command: `{r['command']}`")
     return "\n".join(out)
 
 

@@ -132,7 +132,7 @@ def test_events_and_user_recommendations(root, tmp_path):
         r = client.get("/users/alice/recommendations", params={"k": 5})
         assert r.status_code == 200, r.text
         body = r.json()
-        assert body["history_length"] == 3 and body["version"] == "1"
+        assert body["history_length"] == 3 and body["bundle_version"] == "1"
         rec = Recommender(load_bundle(root / "versions" / "1"))
         expected = rec.recommend([Query([3, 8], 5, True)])[0]  # the unknown item is left out of the input
         assert [i["item"] for i in body["items"]] == [i["item"] for i in expected["items"]]
@@ -195,7 +195,7 @@ def test_worse_update_is_refused_and_the_old_bundle_keeps_serving(root, tmp_path
         assert not (root / "versions" / "2").exists() and versions.current_version(root) == "1"
         time.sleep(0.3)  # several watcher polls
         assert app.state.slot.current is served
-        assert client.get("/users/u1/recommendations").json()["version"] == "1"
+        assert client.get("/users/u1/recommendations").json()["bundle_version"] == "1"
 
 
 def start_server(args: list[str], port: int, env: dict | None = None) -> subprocess.Popen:
@@ -274,7 +274,7 @@ def test_swap_under_load_drops_no_request(root, tmp_path):
                 if n % 2:
                     r = h.get(f"/users/u{(c * 7 + n) % 40}/recommendations", params={"k": 10})
                     if r.status_code == 200:
-                        seen_versions.add(r.json()["version"])
+                        seen_versions.add(r.json()["bundle_version"])
                 else:
                     r = h.post("/recommend", json={"history": ["1", "2", str(1 + n % N_ITEMS)], "k": 5})
                 codes.append(r.status_code)

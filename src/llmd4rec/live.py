@@ -142,11 +142,10 @@ def create_live_app(root: str | Path, events: str | Path | None = None, *, empty
 
     root = Path(root)
     store = SQLiteEventStore(events) if events is not None else None
-    state: dict[str, Any] = {}
 
     @asynccontextmanager
     async def lifespan(app: Any):
-        task = asyncio.get_running_loop().create_task(state["swapper"].watch(watch_interval)) \
+        task = asyncio.get_running_loop().create_task(app.state.swapper.watch(watch_interval)) \
             if versions.is_versioned(root) and watch_interval > 0 else None
         yield
         if task is not None:
@@ -157,7 +156,7 @@ def create_live_app(root: str | Path, events: str | Path | None = None, *, empty
     app = create_app(versions.bundle_path(root), max_body_bytes=max_body_bytes, empty_history=empty_history,
                      lifespan=lifespan)
     slot = app.state.slot
-    swapper = state["swapper"] = app.state.swapper = Swapper(app, root, empty_history)
+    swapper = app.state.swapper = Swapper(app, root, empty_history)
 
     @app.post("/admin/reload")
     async def reload(request: Request, version: Optional[str] = None) -> Response:
@@ -171,7 +170,8 @@ def create_live_app(root: str | Path, events: str | Path | None = None, *, empty
                 raise InputError("version must be a version number of a versioned bundle folder")
             versions.set_current(root, version)
         await swapper.to(versions.current_version(root))
-        return reply({"version": swapper.version, **slot.current[0].info()})
+        rec = slot.current[0]
+        return reply({**rec.info(), "bundle_version": rec.bundle.path.name})
 
     if store is None:
         return app
@@ -200,7 +200,8 @@ def create_live_app(root: str | Path, events: str | Path | None = None, *, empty
             raise InputError(f"user {user!r} has no item the served model knows yet (a server started with "
                              "--empty-history popular answers with the most popular items)")
         result = await batcher.recommend(Query(known, k, True))
-        return reply({"user": user, "history_length": len(history), "version": swapper.version, **result})
+        return reply({"user": user, "history_length": len(history), "bundle_version": rec.bundle.path.name,
+                      **result})
 
     return app
 
