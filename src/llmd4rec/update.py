@@ -103,6 +103,7 @@ def update_bundle(bundle: str | Path, events: str | Path, out: str | Path | None
     old = load_bundle(source)
     if old.info["kind"] != "crm":
         raise InputError("update continues SASRec bundles only; export the CRM (--model crm)", source)
+    target, version = _target(root, Path(out) if out is not None else None)
     cfg = load_config(source / "config.yaml", overrides)
     _check(cfg)
     seed_everything(cfg.seed)
@@ -157,7 +158,6 @@ def update_bundle(bundle: str | Path, events: str | Path, out: str | Path | None
     counts[:n_old + 1] = old.popularity
     for item, c in added.items():
         counts[index[item]] += c
-    target, version = _target(root, Path(out) if out is not None else None)
     report = {"watermark": upto, "previous_watermark": watermark, "parent": str(source), "users": len(changed),
               "held_out": len(cases), "new_items": n_total - n_old, "held_out_before": before,
               "held_out_after": after}
