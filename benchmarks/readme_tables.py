@@ -92,6 +92,36 @@ def serve_table() -> str:
     return "\n".join(out)
 
 
+def streaming_table() -> str:
+    r = _load("streaming_ml100k")
+    if r is None:
+        return "`streaming_ml100k.json` not run yet."
+    rows = r["rows"]
+    n = len(rows["no_update"]["chunks"])
+    out = ["| strategy | NDCG@10 | HR@10 | " + " | ".join(f"chunk {c + 1} NDCG@10" for c in range(n))
+           + " | s/update |", "|---|---|---|" + "---|" * n + "---|"]
+    for name in ("no_update", "incremental", "retrain"):
+        row = rows[name]
+        chunks = " | ".join(_f(c["NDCG@10"]) for c in row["chunks"])
+        out.append(f"| {name} | {_f(row['overall']['NDCG@10'])} | {_f(row['overall']['HR@10'])} | {chunks} "
+                   f"| {_f(row.get('seconds_per_update'), 1) if 'seconds_per_update' in row else ''} |")
+    s = r["serving"]
+    out += ["", "| live server, concurrency 8 | per second | p50 ms | p99 ms | errors |", "|---|---|---|---|---|"]
+    for label, key, rate in (("POST /events, 1 event each", "ingest_single_c8", "events_per_second"),
+                             ("POST /events, 100 events each", "ingest_batch100_c8", "events_per_second"),
+                             ("GET recommendations", "recommend_c8", "per_second"),
+                             ("GET recommendations, swapping versions", "recommend_c8_during_swaps", "per_second")):
+        m = s[key]
+        out.append(f"| {label} | {_f(m[rate], 0)} | {_f(m['p50_ms'], 1)} | {_f(m['p99_ms'], 1)} | {m['errors']} |")
+    swaps = s["recommend_c8_during_swaps"]
+    out.append(f"\n{swaps['swaps']} swaps of `current` during the last row ({swaps['requests']} requests). Events "
+               f"per second count acknowledged (on disk) events; {r['machine']['cores']} cores shared by server and "
+               f"client (load average {r['load_before']:.1f} at the start). Incremental updates: "
+               f"{sum(u['accepted'] for u in rows['incremental']['updates'])} of "
+               f"{len(rows['incremental']['updates'])} accepted. Command: `{r['command']}`")
+    return "\n".join(out)
+
+
 def sharded_table() -> str:
     parts = []
     for name in ("sharded_llm_cpu", "sharded_llm_cpu_bf16", "sharded_llm_h200"):
@@ -223,6 +253,7 @@ TABLES = {
     "run_all": run_all_note,
     "speed": speed_tables,
     "serve": serve_table,
+    "streaming": streaming_table,
     "sharded": sharded_table,
 }
 

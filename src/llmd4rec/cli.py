@@ -116,14 +116,33 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from .serve import serve
+    from .versions import is_versioned
 
+    if args.events or is_versioned(Path(args.bundle)):
+        from .live import admin_token_from_env, create_live_app
+        from .serve import run_app
+
+        app = create_live_app(Path(args.bundle), args.events, empty_history=args.empty_history,
+                              watch_interval=args.watch_interval, admin_token=admin_token_from_env())
+        run_app(app, args.host, args.port)
+        return
     serve(Path(args.bundle), host=args.host, port=args.port, empty_history=args.empty_history)
 
 
 def cmd_recommend(args: argparse.Namespace) -> None:
     from .serve import recommend_cli
+    from .versions import bundle_path
 
-    recommend_cli(Path(args.bundle), args.history, args.k, not args.include_seen)
+    recommend_cli(bundle_path(Path(args.bundle)), args.history, args.k, not args.include_seen)
+
+
+def cmd_update(args: argparse.Namespace) -> None:
+    from .update import update_bundle
+
+    report = update_bundle(Path(args.bundle), Path(args.events), args.out, args.overrides)
+    before, after = report["held_out_before"]["NDCG@10"], report["held_out_after"]["NDCG@10"]
+    print(f"{report['bundle']}: {report['users']} users, {report['new_items']} new items, watermark "
+          f"{report['watermark']}, held-out NDCG@10 {before:.4f} -> {after:.4f}, {report['seconds']:.1f}s")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--empty-history", choices=("error", "popular"), default="error",
                     help="an empty history is a 422 error, or gets the most popular items")
+    sv.add_argument("--events", metavar="PATH.db",
+                    help="SQLite event store: adds POST /events and GET /users/{id}/recommendations")
+    sv.add_argument("--watch-interval", type=float, default=2.0, metavar="SECONDS",
+                    help="versioned bundle folder: how often to look for a new current version (0: never)")
     sv.set_defaults(func=cmd_serve)
+
+    up = sub.add_parser("update", help="continue a SASRec bundle on new events; keep it if the result is worse")
+    up.add_argument("bundle", help="a bundle, or a versioned folder (versions/N + current)")
+    up.add_argument("--events", required=True, metavar="PATH.db")
+    up.add_argument("--out", help="new bundle folder (default for a versioned folder: versions/N+1, made current)")
+    up.add_argument("overrides", nargs="*", help="dotted overrides, e.g. update.epochs=3 update.kd_weight=0")
+    up.set_defaults(func=cmd_update)
 
     rc = sub.add_parser("recommend", help="top-K for one history, from the shell")
     rc.add_argument("bundle")
@@ -195,7 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # key=value overrides written after an option (`update B --events E update.epochs=3`)
+        args.overrides = [*args.overrides, *extra]
     try:
         args.func(args)
     except InputError as e:

@@ -118,6 +118,21 @@ class DistillConfig:
 
 
 @dataclass
+class UpdateConfig:
+    """`llmd4rec update`: a short continuation of the bundle's SASRec on the users with new events.
+
+    Training keys not named here (batch size, loss, grad clip, seed) come from crm_train."""
+
+    epochs: int = 5
+    lr: float = 5e-4
+    patience: int = 2
+    kd_weight: float = 1.0  # KL to the bundle's own CRM (frozen): keeps what it learnt, from data and the LLM
+    temperature: float = 1.0
+    min_gain: float = 0.0  # refuse unless held-out NDCG@10 new >= old + min_gain
+    neighbours: int = 10  # a new item starts as the mean embedding of up to this many related known items
+
+
+@dataclass
 class Config:
     run_dir: str = "runs"
     run_name: str | None = None
@@ -132,6 +147,7 @@ class Config:
         epochs=3, batch_size=16, lr=3e-4, weight_decay=0.1, patience=2, warmup_steps=100, grad_clip=1.0))
     distill: DistillConfig = field(default_factory=DistillConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
     crm_run: str | None = None  # reuse a trained CRM run folder
     llm_run: str | None = None  # reuse a trained LLM run folder
 

@@ -60,8 +60,12 @@ def _weights(kind: str, model: Any) -> dict[str, torch.Tensor]:
     return {**model.trainable_state_dict(), "item_table": model.item_table}
 
 
-def write_bundle(out_dir: Path, kind: str, model: Any, cfg: Config, dataset: Dataset) -> Path:
-    """Writes the bundle into a temporary sibling folder and renames it into place: never half a bundle."""
+def write_bundle(out_dir: Path, kind: str, model: Any, cfg: Config, dataset: Dataset,
+                 counts: torch.Tensor | None = None, extra_info: dict[str, Any] | None = None) -> Path:
+    """Writes the bundle into a temporary sibling folder and renames it into place: never half a bundle.
+
+    counts: popularity counts [n_items + 1] when they are not the dataset's (an update adds its events to the
+    old bundle's); extra_info: more bundle.json keys (an update records its watermark and validation)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError("output folder exists and is not empty", out_dir)
@@ -71,8 +75,9 @@ def write_bundle(out_dir: Path, kind: str, model: Any, cfg: Config, dataset: Dat
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
         save_tensors(tmp / "model.safetensors", _weights(kind, model))
-        flat = np.fromiter((i for seq in dataset.sequences for i in seq), dtype=np.int64)
-        counts = torch.from_numpy(np.bincount(flat, minlength=dataset.n_items + 1)).float()
+        if counts is None:
+            flat = np.fromiter((i for seq in dataset.sequences for i in seq), dtype=np.int64)
+            counts = torch.from_numpy(np.bincount(flat, minlength=dataset.n_items + 1)).float()
         save_tensors(tmp / "popularity.safetensors", {"counts": counts})
         save_config(cfg, tmp / "config.yaml")
         titles = dataset.titles or []
@@ -83,6 +88,7 @@ def write_bundle(out_dir: Path, kind: str, model: Any, cfg: Config, dataset: Dat
                                 "n_items": dataset.n_items, "max_len": model.max_len, "version": __version__}
         if kind == "llm":
             info["backbone"] = {"name": cfg.llm.backbone, "keep_layers": cfg.llm.keep_layers, "dtype": cfg.llm.dtype}
+        info.update(extra_info or {})
         atomic_write_json(tmp / "bundle.json", info)  # written last: its presence marks a complete bundle
         if out_dir.exists():
             out_dir.rmdir()

@@ -163,8 +163,9 @@ class Recommender:
         i = self.bundle.info
         out = {"kind": i["kind"], "dataset": i["dataset"], "n_items": i["n_items"], "max_len": i["max_len"],
                "version": i["version"], "server_version": __version__, "empty_history": self.empty_history}
-        if "backbone" in i:
-            out["backbone"] = i["backbone"]
+        for key in ("backbone", "watermark"):
+            if key in i:
+                out[key] = i[key]
         return out
 
 
@@ -203,39 +204,59 @@ class MicroBatcher:
                 future.set_result(result)
 
 
+class ModelSlot:
+    """The model being served, swappable between requests: a request takes `current` once and finishes on it,
+    so a swap never changes the model under a request in flight. Each model has its own batcher, so a pass
+    never mixes requests validated against two catalogues."""
+
+    def __init__(self, rec: Recommender):
+        self.current = (rec, MicroBatcher(rec))
+
+    def swap(self, rec: Recommender) -> None:
+        self.current = (rec, MicroBatcher(rec))
+
+
+async def body_json(request: Any, max_body_bytes: int = MAX_BODY_BYTES) -> Any:
+    """The request body as JSON: 413 over the size limit (checked while reading), 400 when not JSON."""
+    from fastapi import HTTPException
+
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_body_bytes:
+        raise HTTPException(413, f"request body over {max_body_bytes} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_body_bytes:
+            raise HTTPException(413, f"request body over {max_body_bytes} bytes")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise HTTPException(400, "request body is not valid JSON") from None
+
+
+def reply(obj: Any) -> Any:
+    """Plain json.dumps: FastAPI's generic encoder costs more than the SASRec forward pass here."""
+    from fastapi.responses import Response
+
+    return Response(json.dumps(obj, separators=(",", ":")), media_type="application/json")
+
+
 def create_app(bundle_path: str | Path, *, max_body_bytes: int = MAX_BODY_BYTES, empty_history: str = "error",
-               max_batch: int = MAX_BATCH):
+               max_batch: int = MAX_BATCH, lifespan: Any = None):
     """The FastAPI app for one bundle. Bodies are read and checked here (size, JSON, fields) so that no client
-    input reaches a code path that could answer 500."""
-    from fastapi import FastAPI, HTTPException, Request
+    input reaches a code path that could answer 500. `app.state.slot` holds the served model (see live.py)."""
+    from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
 
     rec = Recommender(load_bundle(bundle_path), empty_history)
-    batcher = MicroBatcher(rec)
-    app = FastAPI(title="llmd4rec", version=__version__)
+    slot = ModelSlot(rec)
+    app = FastAPI(title="llmd4rec", version=__version__, lifespan=lifespan)
     app.state.recommender = rec
+    app.state.slot = slot
 
     @app.exception_handler(InputError)
     async def _unprocessable(request: Request, e: InputError) -> JSONResponse:
         return JSONResponse({"detail": str(e)}, status_code=422)
-
-    async def body_json(request: Request) -> Any:
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > max_body_bytes:
-            raise HTTPException(413, f"request body over {max_body_bytes} bytes")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body_bytes:
-                raise HTTPException(413, f"request body over {max_body_bytes} bytes")
-        try:
-            return json.loads(body)
-        except (ValueError, RecursionError):
-            raise HTTPException(400, "request body is not valid JSON") from None
-
-    def reply(obj: Any) -> Response:
-        """Plain json.dumps: FastAPI's generic encoder costs more than the SASRec forward pass here."""
-        return Response(json.dumps(obj, separators=(",", ":")), media_type="application/json")
 
     @app.get("/health")
     async def health() -> Response:
@@ -243,15 +264,17 @@ def create_app(bundle_path: str | Path, *, max_body_bytes: int = MAX_BODY_BYTES,
 
     @app.get("/info")
     async def info() -> Response:
-        return reply(rec.info())
+        return reply(slot.current[0].info())
 
     @app.post("/recommend")
     async def recommend(request: Request) -> Response:
-        return reply(await batcher.recommend(rec.query(await body_json(request))))
+        rec, batcher = slot.current
+        return reply(await batcher.recommend(rec.query(await body_json(request, max_body_bytes))))
 
     @app.post("/recommend/batch")
     async def recommend_batch(request: Request) -> Response:
-        obj = await body_json(request)
+        rec = slot.current[0]
+        obj = await body_json(request, max_body_bytes)
         if not isinstance(obj, dict) or set(obj) != {"requests"} or not isinstance(obj["requests"], list):
             raise InputError('body must be {"requests": [request, ...]}')
         if not 1 <= len(obj["requests"]) <= max_batch:
@@ -270,9 +293,13 @@ def serve(bundle: Path, host: str = "127.0.0.1", port: int = 8000, empty_history
     thread; an LLM bundle keeps torch's default, its matrices are large enough to split. Access logging is off
     for latency; errors are still logged.
     """
+    run_app(create_app(bundle, empty_history=empty_history), host, port)
+
+
+def run_app(app: Any, host: str, port: int) -> None:
+    """uvicorn with one torch thread for a CRM bundle (see `serve`)."""
     import uvicorn
 
-    app = create_app(bundle, empty_history=empty_history)
     if app.state.recommender.bundle.info["kind"] == "crm":
         torch.set_num_threads(1)
     uvicorn.run(app, host=host, port=port, access_log=False, log_level="info")
