@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULT_HELP, builds_on, header, write_result  # noqa: E402
 
 from llmd4rec.config import config_to_dict, load_config  # noqa: E402
-from llmd4rec.distill.loop import build_cache, kd_hook, sample_index  # noqa: E402
+from llmd4rec.distill.teacher import build_cache, kd_hook, sample_index  # noqa: E402
 from llmd4rec.distill.losses import kd_kl  # noqa: E402
 from llmd4rec.distill.weights import target_ranks, weights_llm_to_crm  # noqa: E402
 from llmd4rec.pretrained import load_crm, load_data  # noqa: E402

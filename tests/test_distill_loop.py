@@ -7,7 +7,7 @@ import torch
 
 from llmd4rec.cli import main
 from llmd4rec.distill import TeacherCache
-from llmd4rec.distill.loop import kd_hook, sample_index
+from llmd4rec.distill.teacher import kd_hook, sample_index
 from llmd4rec.pretrained import load_run
 from llmd4rec.evaluation import evaluate_split
 from llmd4rec.training.llm import sample_grid
@@ -25,7 +25,8 @@ def test_one_round_on_lastfm_writes_every_output(tmp_path, shared_data, tiny_bac
     assert main(args) == 0
     run = tmp_path / "lastfm"
     results = json.loads((run / "results.json").read_text())
-    assert set(results["rows"]) == {"SASRec", "E4SRec", "LLMD4Rec_C", "LLMD4Rec_L"}
+    assert set(results["rows"]) == {"SASRec", "E4SRec", "LLMD4Rec_C", "LLMD4Rec_L",
+                                    "LLMD4Rec_C (distilled, no fall-back)", "LLMD4Rec_L (distilled, no fall-back)"}
     assert [h["round"] for h in results["history"]] == [0, 1]
     for name in ("results.md", "rounds.png", "metrics.jsonl", "config.yaml", "round1-up/best.safetensors",
                  "round1-down/best.safetensors", "round1-cache-crm/header.json", "round1-cache-llm/header.json"):
@@ -37,10 +38,17 @@ def test_one_round_on_lastfm_writes_every_output(tmp_path, shared_data, tiny_bac
     assert len(TeacherCache.open(run / "round1-cache-llm")) == int((crm_targets > 0).sum())
     assert len(TeacherCache.open(run / "round1-cache-crm")) == sum(min(2, len(s) - 1) for s in loaded.split.train
                                                                    if len(s) >= 2)
-    # a distilled phase keeps its best validation weights, so it never ends below where it started
+    # a phase records its best distilled epoch; with keep_start it deploys the start when that validates better
     phases = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     up = [p for p in phases if p.get("phase") == "round1-up" and "valid" in p]
-    assert results["history"][1]["crm"]["valid"]["NDCG@10"] == pytest.approx(max(p["valid"]["NDCG@10"] for p in up))
+    done = json.loads((run / "round1-up" / "done.json").read_text())
+    best = max(p["valid"]["NDCG@10"] for p in up)
+    assert done["distilled"]["valid"]["NDCG@10"] == pytest.approx(best)
+    assert done["kept_start"] == (best <= done["start"]["valid"]["NDCG@10"])
+    assert done["start"] == results["history"][0]["crm"]
+    deployed = results["history"][1]["crm"]["valid"]["NDCG@10"]
+    assert deployed == pytest.approx(max(best, done["start"]["valid"]["NDCG@10"]))
+    assert results["rows"]["LLMD4Rec_C (distilled, no fall-back)"] == done["distilled"]
     # evaluating the run folder reproduces the distilled CRM's test metrics
     again = evaluate_split(loaded.model, loaded.split, loaded.cfg.eval, "test")
     assert again == pytest.approx(results["rows"]["LLMD4Rec_C"]["test"])
@@ -65,6 +73,31 @@ def test_ablation_switches(tmp_path, tiny_backbone_dir, extra):
         assert results["rows"]["LLMD4Rec_L"] == results["rows"]["E4SRec"]
     if not up:
         assert results["rows"]["LLMD4Rec_C"] == results["rows"]["SASRec"]
+
+
+@pytest.mark.parametrize("extra, caches", [
+    (["distill.teacher=self", "distill.upward_init=scratch", "distill.keep_start=false"], {"round1-cache-crm"}),
+    (["distill.teacher=ensemble", "distill.upward_lr=0.0001"], {"round1-cache-ensemble"}),
+    (["distill.beta=0", "distill.keep_start=false"], set()),
+])
+def test_upward_strategies_and_controls(tmp_path, tiny_backbone_dir, extra, caches):
+    """Upward only: the teacher (LLM, the two-model ensemble, or the CRM itself), a fresh or continued student, and
+    beta=0 (no KD term, no teacher cache). Without keep_start the deployed CRM is the distilled one, whatever it
+    validates; a scratch student does not start from the baseline's weights."""
+    args = _args(tmp_path, tiny_backbone_dir, "up", "data.synthetic_users=150", "data.synthetic_items=60",
+                 "distill.direction=upward", *extra)
+    assert main(args) == 0
+    run = tmp_path / "up"
+    assert {p.name for p in run.glob("round1-cache-*")} == caches
+    done = json.loads((run / "round1-up" / "done.json").read_text())
+    results = json.loads((run / "results.json").read_text())
+    if "distill.keep_start=false" in extra:
+        assert not done["kept_start"]
+        assert results["rows"]["LLMD4Rec_C"] == {k: done["distilled"][k] for k in ("valid", "test")}
+        assert results["rows"]["LLMD4Rec_C (distilled, no fall-back)"] == done["distilled"]
+    loaded = load_run(run)
+    again = evaluate_split(loaded.model, loaded.split, loaded.cfg.eval, "test")
+    assert again == pytest.approx(results["rows"]["LLMD4Rec_C"]["test"])
 
 
 def test_kd_hook_uses_cache_rows_and_weights(tmp_path):

@@ -329,7 +329,7 @@ def test_torn_metrics_line_does_not_swallow_the_next_record(tmp_path):
 def test_damaged_finished_teacher_cache_is_rebuilt(tmp_path, capsys):
     from llmd4rec.config import SASRecConfig
     from llmd4rec.distill import TeacherCache
-    from llmd4rec.distill.loop import build_cache
+    from llmd4rec.distill.teacher import build_cache
     from llmd4rec.models.sasrec import SASRec
 
     torch.manual_seed(0)

@@ -113,8 +113,13 @@ class DistillConfig:
     cache_topk: int = 256
     positions: str = "all"  # all | last_k
     last_k: int = 50
-    crm_epochs: int = 20
+    crm_epochs: int = 20  # upward phases: at most this many CRM epochs (early stopping on validation)
     llm_epochs: int = 1
+    keep_start: bool = True  # a phase whose best distilled epoch validates no better than its start deploys the start
+    upward_init: str = "continue"  # continue | scratch: the CRM continues from its weights, or restarts from a new init
+    upward_lr: float | None = None  # learning rate of upward phases; unset: crm_train.lr
+    teacher: str = "llm"  # llm | ensemble | self: upward teacher (self: a frozen copy of the CRM, the control)
+    ensemble_alpha: float = 0.5  # teacher=ensemble: weight of the LLM's log-probabilities against the CRM's
 
 
 @dataclass

@@ -9,6 +9,7 @@ each phase's `done.json`, and finally results.json, results.md and rounds.png. A
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import time
@@ -24,84 +25,13 @@ from ..evaluation import evaluate_split
 from ..io import atomic_write_json, load_tensors, read_json, save_tensors
 from ..models.sasrec import SASRec
 from ..pretrained import load_crm, load_data
-from ..runs import format_table, log_metrics, make_run_dir, seed_everything, truncate_metrics, write_results
+from ..runs import log_metrics, make_run_dir, seed_everything, truncate_metrics, write_results
+from ..text_embeddings import init_item_table_from_text
 from ..training.checkpoint import has_checkpoint
 from ..training.crm import fit_crm
 from ..training.llm import build_llm, fit_llm, load_llm, sample_grid
-from .cache import TeacherCache, TeacherCacheReader
-from .weights import weights_crm_to_llm, weights_llm_to_crm
-
-KEYS = [f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)]
-
-
-def sample_index(targets: torch.Tensor) -> torch.Tensor:
-    """[U, L] grid -> sample id of each cell with a target (row-major, as the cache rows), -1 elsewhere."""
-    index = torch.full(targets.shape, -1, dtype=torch.long)
-    rows, cols = (targets > 0).nonzero(as_tuple=True)
-    index[rows, cols] = torch.arange(len(rows))
-    return index
-
-
-@torch.no_grad()
-def build_cache(path: Path, teacher, kind: str, inputs: torch.Tensor, targets: torch.Tensor, n_items: int,
-                temperature: float, k: int, device: torch.device, users_per_batch: int) -> TeacherCacheReader:
-    """Run the frozen teacher once over every sample of the grid and keep its logits on disk.
-
-    A finished cache that fails its checks (truncated, corrupt) is rebuilt from the teacher, with a warning."""
-    keep = True
-    if (path / "header.json").exists():
-        try:
-            return TeacherCache.open(path)
-        except InputError as e:
-            print(f"warning: {e}; rebuilding the teacher cache", file=sys.stderr, flush=True)
-            keep = False
-    rows_all, cols_all = (targets > 0).nonzero(as_tuple=True)
-    per_user = (targets > 0).sum(1)
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), per_user.cumsum(0)])
-    writer = TeacherCache.create(path, len(rows_all), n_items, k, temperature, resume=keep,
-                                 info={"teacher": kind, "samples": len(rows_all)})
-    pending = {s for s, _ in writer.pending_ranges(len(rows_all))}
-    done_upto = min(pending) if pending else len(rows_all)
-    teacher.eval()
-    for u0 in range(0, len(targets), users_per_batch):
-        u1 = min(u0 + users_per_batch, len(targets))
-        s0, s1 = int(starts[u0]), int(starts[u1])
-        if s1 <= done_upto or s0 == s1:
-            continue
-        x, y = inputs[u0:u1].to(device), targets[u0:u1].to(device)
-        r, c = (y > 0).nonzero(as_tuple=True)
-        if kind == "crm":
-            logits = teacher.score_items(teacher.hidden(x)[r, c], 0, n_items + 1)
-        else:
-            logits = teacher.prefix_logits(x, r, c)
-        logits[:, 0] = float("-inf")
-        writer.write(s0, logits.float(), y[r, c])
-    return writer.finalize()
-
-
-def kd_hook(cache: TeacherCacheReader, index: torch.Tensor, scale: float, t_squared: bool, adaptive: bool,
-            student: str):
-    """The KL term of L_LLM (student "llm", weight w1) or L_CRM (student "crm", weight w2), averaged per sample."""
-
-    def kd(users: torch.Tensor, cols: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        ids = index[users.cpu(), cols.cpu()].to(logits.device)
-        n = len(logits)
-        covered = ids >= 0
-        if not bool(covered.any()):
-            return logits.new_zeros(())
-        if not bool(covered.all()):  # positions=last_k: only some samples have a teacher row
-            ids, logits, targets = ids[covered], logits[covered], targets[covered]
-        kl, r_student = cache.kl_and_student_ranks(logits, ids, targets if adaptive else None, t_squared)
-        if adaptive:
-            r_teacher = cache.target_ranks(ids).to(r_student.device)
-            if student == "llm":
-                w = weights_crm_to_llm(r_teacher, r_student)
-            else:
-                w = weights_llm_to_crm(r_student, r_teacher)
-            kl = kl * w.to(kl.device)
-        return scale * kl.sum() / n
-
-    return kd
+from .report import plot_rounds, result_rows, results_table
+from .teacher import LogProbEnsemble, build_cache, kd_hook, sample_index
 
 
 def _phase_done(folder: Path) -> dict | None:
@@ -122,14 +52,14 @@ def _rng_file(folder: Path) -> Path:
 
 
 def _finish_phase(folder: Path, metrics: dict) -> None:
-    """Mark a phase finished, with its model's valid/test metrics and the RNG state it ended with: a resume that
+    """Mark a phase finished, with its deployed model's valid/test metrics (and, for a distillation phase, its
+    start's, its best distilled epoch's and which of the two it kept) and the RNG state it ended with: a resume that
     skips it restores that state, so the phases after it draw the same dropout masks as in an uninterrupted run.
     Every rank keeps its own RNG state; done.json (rank 0) goes last, once every rank's state is on disk."""
     save_tensors(_rng_file(folder), {"rng.torch": torch.get_rng_state()})
     distributed.barrier()
     if distributed.is_main():
-        atomic_write_json(folder / "done.json", {"phase": folder.name, "valid": metrics["valid"],
-                                                 "test": metrics["test"]})
+        atomic_write_json(folder / "done.json", {"phase": folder.name, **metrics})
 
 
 def _skip_phase(folder: Path, done: dict, model, split: Split, cfg: Config, device) -> dict:
@@ -142,7 +72,7 @@ def _skip_phase(folder: Path, done: dict, model, split: Split, cfg: Config, devi
             print(f"warning: {e}; later phases will not repeat the uninterrupted run's random draws",
                   file=sys.stderr, flush=True)
     if "valid" in done and "test" in done:
-        return {"valid": done["valid"], "test": done["test"]}
+        return {k: v for k, v in done.items() if k != "phase"}
     return _evaluate(model, split, cfg, device)  # a phase finished by an older version kept no metrics
 
 
@@ -158,6 +88,29 @@ def _evaluate(model, split: Split, cfg: Config, device) -> dict:
 
 def _metrics(fitted: dict) -> dict:
     return {"valid": fitted["valid"], "test": fitted["test"]}
+
+
+def _settle(start: dict, fitted: dict, keep_start: bool) -> dict:
+    """A distillation phase's outcome: its best distilled epoch, and whether the start is deployed instead (only
+    with distill.keep_start, when the distilled model validates no better than the start)."""
+    distilled = {**_metrics(fitted), "best_epoch": fitted.get("best_epoch")}
+    kept = keep_start and distilled["valid"]["NDCG@10"] <= start["valid"]["NDCG@10"]
+    final = start if kept else distilled
+    return {"valid": final["valid"], "test": final["test"], "start": _metrics(start), "distilled": distilled,
+            "kept_start": kept}
+
+
+def _upward_teacher(cfg: Config, crm: SASRec, llm):
+    """(model, kind) of the upward phase's teacher: the LLM, the log-probability ensemble of both models, or a frozen
+    copy of the CRM itself (the self-distillation control that separates the KL's regularisation from the LLM)."""
+    teacher = cfg.distill.teacher
+    if teacher == "llm":
+        return llm, "llm"
+    if teacher == "self":
+        return copy.deepcopy(crm).eval(), "crm"
+    if teacher == "ensemble":
+        return LogProbEnsemble(copy.deepcopy(crm).eval(), llm, cfg.distill.ensemble_alpha), "ensemble"
+    raise InputError(f"distill.teacher must be llm, ensemble or self, got {teacher!r}")
 
 
 def run(cfg: Config, resume: str | None = None) -> Path:
@@ -193,6 +146,8 @@ def run(cfg: Config, resume: str | None = None) -> Path:
             crm_m = _skip_phase(run_dir / "crm0", done, crm, split, cfg, device)
         else:
             _start_phase(run_dir, "crm0", resume is not None)
+            if cfg.crm.text_init:
+                init_item_table_from_text(crm, cfg, dataset)
             crm_m = _metrics(fit_crm(crm, split, cfg, run_dir, phase="crm0", resume=resume is not None))
             _finish_phase(run_dir / "crm0", crm_m)
 
@@ -224,93 +179,114 @@ def run(cfg: Config, resume: str | None = None) -> Path:
         crm_grid = sample_grid(split.train, cfg.crm.max_len, d.last_k if d.positions == "last_k" else 0)
         users_per_batch = max(1, cfg.llm_train.batch_size)
         for t in range(1, d.rounds + 1):
+            record = {"round": t}
             if d.direction in ("both", "downward"):
                 phase = f"round{t}-down"
-                if done := _phase_done(run_dir / phase):
-                    llm.load_trainable_state_dict(load_tensors(run_dir / phase / "best.safetensors"))
-                    llm.set_item_embeddings(load_tensors(run_dir / phase / "item_table.safetensors")["item_table"])
-                    llm_m = _skip_phase(run_dir / phase, done, llm, split, cfg, device)
+                folder = run_dir / phase
+                if done := _phase_done(folder):
+                    llm.load_trainable_state_dict(load_tensors(_weights_file(folder)))
+                    llm.set_item_embeddings(load_tensors(_table_file(folder))["item_table"])
+                    llm_m = _skip_phase(folder, done, llm, split, cfg, device)
                 else:
+                    start_state = {k: v.clone() for k, v in llm.trainable_state_dict().items()}
+                    start_table = llm.item_table.clone()
                     if d.embedding_update:
                         llm.set_item_embeddings(crm.item_emb.weight)
                     if main():
-                        save_tensors(run_dir / phase / "item_table.safetensors", {"item_table": llm.item_table})
+                        save_tensors(folder / "item_table.safetensors", {"item_table": llm.item_table})
                     with distributed.main_first():
                         cache = build_cache(run_dir / f"round{t}-cache-crm", crm, "crm", *llm_grid, n, d.t1,
                                             d.cache_topk, device, 256)
                     kd = kd_hook(cache, sample_index(llm_grid[1]), d.gamma, d.t_squared, d.adaptive_weights, "llm")
                     tc = dataclasses.replace(cfg.llm_train, epochs=d.llm_epochs, patience=d.llm_epochs)
                     _start_phase(run_dir, phase, resume is not None)
-                    llm_m = _metrics(fit_llm(llm, split, cfg, run_dir, phase=phase, train_cfg=tc, kd=kd,
-                                             resume=resume is not None, keep_start=True))
-                    _finish_phase(run_dir / phase, llm_m)
+                    fitted = fit_llm(llm, split, cfg, run_dir, phase=phase, train_cfg=tc, kd=kd,
+                                     resume=resume is not None)
+                    llm_m = _settle(llm_m, fitted, d.keep_start)
+                    if llm_m["kept_start"]:
+                        llm.load_trainable_state_dict(start_state)
+                        llm.set_item_embeddings(start_table)
+                    if main():
+                        save_tensors(folder / "final.safetensors", llm.trainable_state_dict())
+                        save_tensors(folder / "final_item_table.safetensors", {"item_table": llm.item_table})
+                    _finish_phase(folder, llm_m)
+                record.update(llm_distilled=llm_m.get("distilled"), llm_kept_start=llm_m.get("kept_start"))
             if d.direction in ("both", "upward"):
                 phase = f"round{t}-up"
-                if done := _phase_done(run_dir / phase):
-                    crm = load_crm(run_dir, n, cfg, phase=phase, device=device)
-                    crm_m = _skip_phase(run_dir / phase, done, crm, split, cfg, device)
+                folder = run_dir / phase
+                if done := _phase_done(folder):
+                    crm = load_crm(run_dir, n, cfg, phase=phase, device=device, tag=_crm_tag(folder))
+                    crm_m = _skip_phase(folder, done, crm, split, cfg, device)
                 else:
-                    with distributed.main_first():
-                        cache = build_cache(run_dir / f"round{t}-cache-llm", llm, "llm", *crm_grid, n, d.t2,
-                                            d.cache_topk, device, users_per_batch)
-                    kd = kd_hook(cache, sample_index(crm_grid[1]), d.beta, d.t_squared, d.adaptive_weights, "crm")
-                    tc = dataclasses.replace(cfg.crm_train, epochs=d.crm_epochs)
-                    _start_phase(run_dir, phase, resume is not None)
-                    crm_m = _metrics(fit_crm(crm, split, cfg, run_dir, phase=phase, train_cfg=tc, kd=kd,
-                                             resume=resume is not None, keep_start=True))
-                    _finish_phase(run_dir / phase, crm_m)
-            history.append({"round": t, "crm": crm_m, "llm": llm_m})
+                    crm, crm_m = _upward(cfg, t, crm, crm_m, llm, split, dataset, run_dir, device, crm_grid,
+                                         users_per_batch, resume is not None)
+                record.update(crm_distilled=crm_m.get("distilled"), crm_kept_start=crm_m.get("kept_start"))
+            history.append({**record, "crm": _metrics(crm_m), "llm": _metrics(llm_m)})
             if main():
                 if resume is not None:
                     truncate_metrics(run_dir, "rounds", t - 1)
                 log_metrics(run_dir, {"phase": "rounds", "epoch": t, **history[-1]})
 
-        rows = {"SASRec": history[0]["crm"], "E4SRec": history[0]["llm"],
-                "LLMD4Rec_C": history[-1]["crm"], "LLMD4Rec_L": history[-1]["llm"]}
+        rows = result_rows(history)
         if main():
+            table = results_table(rows, dataset.name, cfg.eval.exclude_seen, cfg.llm.backbone, cfg.llm.keep_layers)
             results = {"model": "LLMD4Rec", "dataset": dataset.name, "backbone": cfg.llm.backbone,
                        "keep_layers": cfg.llm.keep_layers, "exclude_seen": cfg.eval.exclude_seen,
                        "eval_mode": cfg.eval.mode, "distill": vars(d), "rows": rows, "history": history,
                        "seconds": time.perf_counter() - t_start, "world_size": distributed.world_size()}
-            write_results(run_dir, results, results_table(rows, dataset.name, cfg))
+            write_results(run_dir, results, table)
             plot_rounds(history, run_dir / "rounds.png")
-            print(results_table(rows, dataset.name, cfg), flush=True)
+            print(table, flush=True)
         distributed.barrier()
     return run_dir
 
 
-def results_table(rows: dict[str, dict], dataset: str, cfg: Config) -> str:
-    """The paper's table: test HR/NDCG@5/10/20 per model, and each distilled model's gain over its baseline."""
-    test = {name: r["test"] for name, r in rows.items()}
-    table = format_table(test, KEYS)
-    gains = {}
-    for distilled, base in (("LLMD4Rec_C", "SASRec"), ("LLMD4Rec_L", "E4SRec")):
-        gains[f"{distilled} vs {base}"] = {k: 100 * (test[distilled][k] / test[base][k] - 1) if test[base][k] else 0.0
-                                           for k in KEYS}
-    gain_table = format_table(gains, KEYS).replace("| model |", "| relative gain (%) |")
-    return (f"Test metrics on {dataset} (full ranking over all items, exclude_seen={cfg.eval.exclude_seen}, "
-            f"backbone {cfg.llm.backbone}, keep_layers={cfg.llm.keep_layers})\n\n{table}\n{gain_table}")
+def _upward(cfg: Config, t: int, crm: SASRec, crm_m: dict, llm, split: Split, dataset, run_dir: Path, device,
+            grid: tuple[torch.Tensor, torch.Tensor], users_per_batch: int, resume: bool) -> tuple[SASRec, dict]:
+    """One upward phase: the frozen teacher's logits cached at T2, then the CRM trained with L_CRM, either on from
+    its weights (distill.upward_init=continue, at distill.upward_lr) or from a new initialisation with the KD term
+    from its first step (scratch); the start is deployed instead where distill.keep_start says so."""
+    d = cfg.distill
+    phase = f"round{t}-up"
+    folder = run_dir / phase
+    kd = None
+    if d.beta > 0:
+        teacher, kind = _upward_teacher(cfg, crm, llm)
+        with distributed.main_first():
+            cache = build_cache(run_dir / f"round{t}-cache-{kind}", teacher, kind, *grid, crm.n_items, d.t2,
+                                d.cache_topk, device, 256 if kind == "crm" else users_per_batch)
+        kd = kd_hook(cache, sample_index(grid[1]), d.beta, d.t_squared, d.adaptive_weights, "crm")
+    start = crm
+    if d.upward_init == "scratch":
+        torch.manual_seed(cfg.seed + t)
+        student = SASRec(crm.n_items, cfg.crm).to(device)
+        if cfg.crm.text_init:
+            init_item_table_from_text(student, cfg, dataset)
+    else:
+        student = copy.deepcopy(crm)
+    tc = dataclasses.replace(cfg.crm_train, epochs=d.crm_epochs, lr=d.upward_lr or cfg.crm_train.lr)
+    _start_phase(run_dir, phase, resume)
+    fitted = fit_crm(student, split, cfg, run_dir, phase=phase, train_cfg=tc, kd=kd, resume=resume)
+    outcome = _settle(crm_m, fitted, d.keep_start)
+    final = start if outcome["kept_start"] else student
+    if distributed.is_main():
+        save_tensors(folder / "final.safetensors", final.state_dict())
+    _finish_phase(folder, outcome)
+    return final, outcome
 
 
-def plot_rounds(history: list[dict], path: Path) -> None:
-    import matplotlib
+def _weights_file(folder: Path) -> Path:
+    """A finished downward phase's deployed LLM weights (older runs kept only their best epoch)."""
+    return folder / "final.safetensors" if (folder / "final.safetensors").exists() else folder / "best.safetensors"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    rounds = [h["round"] for h in history]
-    for ax, key in zip(axes, ("HR@10", "NDCG@10")):
-        for name, label in (("crm", "SASRec side (CRM)"), ("llm", "E4SRec side (LLM)")):
-            ax.plot(rounds, [h[name]["test"][key] for h in history], marker="o", label=label)
-        ax.set_title(f"test {key} per round (0 = baselines)")
-        ax.set_xlabel("round")
-        ax.set_xticks(rounds)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _table_file(folder: Path) -> Path:
+    final = folder / "final_item_table.safetensors"
+    return final if final.exists() else folder / "item_table.safetensors"
+
+
+def _crm_tag(folder: Path) -> str:
+    return "final" if (folder / "final.safetensors").exists() else "best"
 
 
 def load_distilled(run_dir: Path, n_items: int, cfg: Config, device: torch.device | str = "cpu",
@@ -322,9 +298,9 @@ def load_distilled(run_dir: Path, n_items: int, cfg: Config, device: torch.devic
         folder = run_dir / f"round{t}-{side}"
         if (folder / "done.json").exists():
             if which == "crm":
-                return load_crm(run_dir, n_items, cfg, phase=folder.name, device=device)
-            model = build_llm(cfg, load_tensors(folder / "item_table.safetensors")["item_table"], device)
-            model.load_trainable_state_dict(load_tensors(folder / "best.safetensors"))
+                return load_crm(run_dir, n_items, cfg, phase=folder.name, device=device, tag=_crm_tag(folder))
+            model = build_llm(cfg, load_tensors(_table_file(folder))["item_table"], device)
+            model.load_trainable_state_dict(load_tensors(_weights_file(folder)))
             return model.eval()
     if which == "crm":
         return load_crm(Path(cfg.crm_run) if cfg.crm_run else run_dir, n_items, cfg,
