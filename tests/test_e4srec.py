@@ -244,3 +244,18 @@ def test_real_smollm2_scores_a_beauty_history():
     assert logits.shape == (1, n_items + 1) and torch.isfinite(logits).all()
     assert torch.allclose(logits, plain, atol=1e-4)
     assert torch.allclose(model.score_items(last, 0, n_items + 1), plain, atol=1e-4)
+
+
+def test_lora_dropout_acts_in_training_only(tokenizer):
+    """peft's dropout is swapped for masks drawn from uniforms: still p, still only in training."""
+    model = make_model(tokenizer, lora_dropout=0.5)
+    drops = [m for n, m in model.decoder.named_modules() if n.endswith("lora_dropout.default")]
+    assert drops and all(d.p == 0.5 for d in drops)
+    x = torch.ones(20000)
+    kept = drops[0].train()(x)
+    assert set(kept.unique().tolist()) == {0.0, 2.0} and abs(float((kept > 0).float().mean()) - 0.5) < 0.02
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model.score_all(HIST), model.score_all(HIST))
+        model.train()
+        assert not torch.equal(model.score_all(HIST), model.score_all(HIST))

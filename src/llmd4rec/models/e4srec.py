@@ -22,6 +22,7 @@ from ..config import E4SRecConfig
 from ..errors import InputError
 from .backbone import LLM_EXTRA, load_backbone
 from .chunked import chunked_cross_entropy
+from .sasrec import Dropout
 
 
 class E4SRec(nn.Module):
@@ -66,9 +67,12 @@ class E4SRec(nn.Module):
         for p in self.decoder.parameters():  # float32 adapters on a bf16/fp16 backbone: small steps are not rounded
             if p.requires_grad:              # away; autocast (`_decode`) runs them in the backbone's dtype
                 p.data = p.data.float()
-        for m in self.decoder.modules():  # peft would cast bf16 activations up to the float32 adapters and back
+        for m in self.decoder.modules():
             if isinstance(m, BaseTunerLayer):
-                m.cast_input_dtype_enabled = False
+                m.cast_input_dtype_enabled = False  # else bf16 activations go up to the float32 adapters and back
+                for name, drop in m.lora_dropout.items():  # the masks drawn without CPU bernoulli_
+                    if isinstance(drop, nn.Dropout):
+                        m.lora_dropout[name] = Dropout(drop.p)
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
         hidden = self.decoder.config.hidden_size
