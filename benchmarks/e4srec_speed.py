@@ -164,6 +164,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "machine": {"cores": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
                     "torch_threads": torch.get_num_threads(), "platform": platform.platform(), **cpu_matrix_units(),
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                     "loadavg_start": [round(x, 2) for x in load_start],
                     "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                     "note": "CPU cores shared with other processes during the run: absolute timings are noisy, "
