@@ -1,10 +1,15 @@
-"""E4SRec training-step speed on real Beauty histories: plain per-sample vs prefix sharing vs all-prefix scoring.
+"""E4SRec training-step speed on real Beauty histories: plain per-sample vs prefix sharing vs all-prefix scoring,
+and the all-prefix step on a bfloat16 backbone.
 
 A step is forward + backward of the full cross-entropy over all items for a batch of (prefix -> next item)
-samples, the E4SRec training samples of docs/method.md. The three paths compute the same logits (tests/test_e4srec.py);
-only their cost differs. Writes benchmarks/results/e4srec_speed.json.
+samples, the E4SRec training samples of docs/method.md. The three float32 paths compute the same logits
+(tests/test_e4srec.py); only their cost differs. `all_prefix_bf16` is the same step with llm.dtype=bfloat16 (float32
+LoRA/W_in/W_out masters, float32 logits and cross-entropy; tests/test_e4srec_precision.py bounds the difference) and
+the attention kernel of --bf16-attention; `all_prefix_eager` is float32 with that kernel, which separates the
+kernel's share of the gain from the dtype's. --profile adds each all-prefix row's top operators (torch.profiler,
+self CPU time of one step). Writes benchmarks/results/e4srec_speed.json.
 
-    python benchmarks/e4srec_speed.py --data-dir ../shared/data --layers 30 --batch 16 --users 64
+    python benchmarks/e4srec_speed.py --data-dir ../shared/data --layers 30 --batch 16 --users 64 --profile
 """
 
 from __future__ import annotations
@@ -54,23 +59,32 @@ def batches(inputs, targets, batch, all_prefix):
             users, count = [], 0
 
 
-PATHS = {"plain": (False, False), "prefix_sharing": (True, False), "all_prefix": (True, True)}
+# row -> (model, attention kernel, share_prefix, all_prefix)
+PATHS = {"plain": ("float32", "sdpa", False, False), "prefix_sharing": ("float32", "sdpa", True, False),
+         "all_prefix": ("float32", "sdpa", True, True), "all_prefix_eager": ("float32", "eager", True, True),
+         "all_prefix_bf16": ("bfloat16", None, True, True)}
 
 
-def time_paths(model, inputs, targets, batch, steps):
+def train_step(model, attention, share_prefix, all_prefix, h, rows, cols, y) -> None:
+    if attention:
+        model.decoder.set_attn_implementation(attention)
+    model.cfg.share_prefix, model.cfg.all_prefix = share_prefix, all_prefix
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model.prefix_logits(h, rows, cols), y).backward()
+
+
+def time_paths(models, inputs, targets, batch, steps):
     """Round-robin one step of each path at a time, so load from other processes hits all paths alike."""
-    feeds = {name: batches(inputs, targets, batch, all_prefix) for name, (_, all_prefix) in PATHS.items()}
+    feeds = {name: batches(inputs, targets, batch, path[3]) for name, path in PATHS.items()}
     times = {name: [] for name in PATHS}
     counts = {name: [] for name in PATHS}
     for step in range(steps + 1):  # step 0 is a warm-up
-        for name, (share_prefix, all_prefix) in PATHS.items():
+        for name, (dtype, *path) in PATHS.items():
             h, rows, cols, y = next(feeds[name], (None,) * 4)
             if h is None:
                 raise SystemExit("too few samples for the timed steps: raise --users")
-            model.cfg.share_prefix, model.cfg.all_prefix = share_prefix, all_prefix
             t0 = time.perf_counter()
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(model.prefix_logits(h, rows, cols), y).backward()
+            train_step(models[dtype], *path, h, rows, cols, y)
             if step > 0:
                 times[name].append(time.perf_counter() - t0)
                 counts[name].append(len(y))
@@ -81,6 +95,37 @@ def time_paths(model, inputs, targets, batch, steps):
             for name in PATHS}
 
 
+def profile_paths(models, inputs, targets, batch, top):
+    """Top operators by self CPU time in one all-prefix step of each dtype/kernel (the first batch, warm)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name, (dtype, *path) in PATHS.items():
+        if not path[2]:
+            continue
+        h, rows, cols, y = next(batches(inputs, targets, batch, True))
+        train_step(models[dtype], *path, h, rows, cols, y)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            train_step(models[dtype], *path, h, rows, cols, y)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        out[name] = {"self_cpu_seconds": round(total / 1e6, 3),
+                     "aten_calls": sum(e.count for e in events if e.key.startswith("aten::")),
+                     "top": [{"op": e.key, "self_seconds": round(e.self_cpu_time_total / 1e6, 4),
+                              "share": round(e.self_cpu_time_total / total, 3), "calls": e.count}
+                             for e in events[:top]]}
+    return out
+
+
+def cpu_matrix_units() -> dict:
+    """Model name and the bfloat16 instruction sets: bf16 GEMM runs about 2.5x float32 with AVX512_BF16 alone and
+    an order of magnitude faster with AMX, so the ratio this benchmark reports depends on them."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return {"cpu": model, "bf16_flags": sorted(f for f in flags if f in ("avx512_bf16", "amx_bf16", "amx_tile"))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", default=None, help="folder holding Beauty/Beauty.txt")
@@ -89,6 +134,10 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=64, help="users drawn from Beauty (their samples feed the steps)")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per path, after one warm-up step")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bf16-attention", default="eager", choices=["eager", "sdpa"],
+                    help="llm.attention of the bfloat16 row")
+    ap.add_argument("--profile", action="store_true", help="record the all-prefix rows' top operators")
+    ap.add_argument("--top", type=int, default=12, help="operators kept per profiled row")
     ap.add_argument("--out", default="e4srec_speed", help=RESULT_HELP)
     args = ap.parse_args()
 
@@ -98,25 +147,39 @@ def main() -> None:
     train = [s for s in split.train if len(s) >= 2]
     train = random.Random(args.seed).sample(train, min(args.users, len(train)))
     cfg = E4SRecConfig(backbone="smollm2", keep_layers=args.layers)
+    half = E4SRecConfig(backbone="smollm2", keep_layers=args.layers, dtype="bfloat16", attention=args.bf16_attention)
     inputs, targets = all_positions(train, cfg.max_len)  # every prefix -> next item (<= 50 targets per user)
 
-    model = E4SRec(cfg, torch.randn(data.n_items + 1, 64) * 0.1).train()
-    rows = time_paths(model, inputs, targets, args.batch, args.steps)
+    table = torch.randn(data.n_items + 1, 64) * 0.1
+    models = {}
+    for c in (cfg, half):
+        torch.manual_seed(args.seed)  # the same heads and LoRA start in both
+        models[c.dtype] = E4SRec(c, table).train()
+    model = models["float32"]
+    rows = time_paths(models, inputs, targets, args.batch, args.steps)
+    profiles = profile_paths(models, inputs, targets, args.batch, args.top) if args.profile else None
     base = rows["plain"]["samples_per_second"]
     result = header({"dataset": "beauty", "n_items": data.n_items, "users": len(train),
                      "samples": int((targets != 0).sum()), "transformers": transformers.__version__,
-                     "backbone": cfg.backbone, "layers": args.layers, "dtype": cfg.dtype, "batch": args.batch,
+                     "backbone": cfg.backbone, "layers": args.layers, "dtype": cfg.dtype,
+                     "bf16_row": {"dtype": half.dtype, "attention": half.attention}, "batch": args.batch,
                      "steps": args.steps, "max_len": cfg.max_len, "prompt_tokens": len(model.prompt_ids),
                      "response_tokens": len(model.response_ids), "lora_r": cfg.lora_r, "seed": args.seed,
                      "step": "forward + backward of full CE over all items (no optimizer step)",
                      "statistic": "median over timed steps (paths run round-robin, one step each in turn)",
                      "all_prefix_batch": "whole users until >= batch samples"})
+    result["machine"].update(cpu_matrix_units(), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"))
     result["rows"] = rows
     result["speedup_samples_per_second"] = {k: round(v["samples_per_second"] / base, 2) for k, v in rows.items()}
-    for name, row in rows.items():
-        print(f"{name:15s} {row['seconds_per_step']:7.3f} s/step  {row['samples_per_second']:8.2f} samples/s  "
-              f"x{result['speedup_samples_per_second'][name]}")
+    result["bf16_over_float32_all_prefix"] = round(rows["all_prefix_bf16"]["samples_per_second"]
+                                                   / rows["all_prefix"]["samples_per_second"], 2)
+    if profiles:
+        result["profile"] = profiles
     write_result(args.out, result)
+    for name, row in rows.items():
+        print(f"{name:17s} {row['seconds_per_step']:7.3f} s/step  {row['samples_per_second']:8.2f} samples/s  "
+              f"x{result['speedup_samples_per_second'][name]}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 from llmd4rec.config import E4SRecConfig  # noqa: E402
 from llmd4rec.errors import InputError  # noqa: E402
 from llmd4rec.io import load_tensors, save_tensors  # noqa: E402
-from llmd4rec.models.e4srec import E4SRec, load_backbone  # noqa: E402
+from llmd4rec.models.backbone import load_backbone  # noqa: E402
+from llmd4rec.models.e4srec import E4SRec  # noqa: E402
 
 N_ITEMS, D_ITEM = 30, 8
 ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
@@ -38,13 +39,13 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-def make_model(tokenizer, arch="llama", attn="sdpa", seed=0, backbone_dtype=torch.float32, **cfg_kw):
+def make_model(tokenizer, arch="llama", attn="sdpa", seed=0, backbone_dtype=torch.float32, text=None, **cfg_kw):
     torch.manual_seed(seed)
     config = ARCHS[arch](vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     backbone = AutoModelForCausalLM.from_config(config, attn_implementation=attn).to(backbone_dtype)
     cfg = E4SRecConfig(instruction="Given the history, predict:", response="\n### Response:", max_len=10, **cfg_kw)
-    model = E4SRec(cfg, torch.randn(N_ITEMS + 1, D_ITEM), backbone, tokenizer).eval()
+    model = E4SRec(cfg, torch.randn(N_ITEMS + 1, D_ITEM), backbone, tokenizer, text).eval()
     with torch.no_grad():  # LoRA B starts at zero: perturb it so the equalities below exercise the adapters
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -217,6 +218,8 @@ def test_missing_backbone_is_an_input_error(tmp_path):
         load_backbone(str(tmp_path / "no-such-model"))
     with pytest.raises(InputError, match="dtype"):
         load_backbone("smollm2", dtype="int3")
+    with pytest.raises(InputError, match="llm.attention"):
+        load_backbone("smollm2", attention="flash")
 
 
 def _beauty_dir() -> Path:
@@ -241,3 +244,18 @@ def test_real_smollm2_scores_a_beauty_history():
     assert logits.shape == (1, n_items + 1) and torch.isfinite(logits).all()
     assert torch.allclose(logits, plain, atol=1e-4)
     assert torch.allclose(model.score_items(last, 0, n_items + 1), plain, atol=1e-4)
+
+
+def test_lora_dropout_acts_in_training_only(tokenizer):
+    """peft's dropout is swapped for masks drawn from uniforms: still p, still only in training."""
+    model = make_model(tokenizer, lora_dropout=0.5)
+    drops = [m for n, m in model.decoder.named_modules() if n.endswith("lora_dropout.default")]
+    assert drops and all(d.p == 0.5 for d in drops)
+    x = torch.ones(20000)
+    kept = drops[0].train()(x)
+    assert set(kept.unique().tolist()) == {0.0, 2.0} and abs(float((kept > 0).float().mean()) - 0.5) < 0.02
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model.score_all(HIST), model.score_all(HIST))
+        model.train()
+        assert not torch.equal(model.score_all(HIST), model.score_all(HIST))

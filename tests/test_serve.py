@@ -331,7 +331,8 @@ def test_llm_bundle_round_trip(run, tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from llmd4rec.models.e4srec import E4SRec, load_backbone
+    from llmd4rec.models.backbone import load_backbone
+    from llmd4rec.models.e4srec import E4SRec
 
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))

@@ -115,7 +115,7 @@ def _text_cfg(backbone, **kw):
 
 @pytest.mark.parametrize("pooling", ["mean", "last"])
 def test_text_embedding_pools_the_final_hidden_states_and_ignores_batch_padding(tiny_backbone_dir, pooling):
-    from llmd4rec.models.e4srec import load_backbone
+    from llmd4rec.models.backbone import load_backbone
 
     cfg = _text_cfg(tiny_backbone_dir, pooling=pooling).text
     model, tok = load_backbone(str(tiny_backbone_dir))

@@ -71,7 +71,8 @@ class TrainConfig:
 class E4SRecConfig:
     backbone: str = "smollm2"  # "smollm2" (embedded GGUF), a hub id, a local folder, or a .gguf path
     keep_layers: int | None = None  # keep only the first k decoder layers (CPU preset)
-    dtype: str = "float32"
+    dtype: str = "float32"  # the frozen backbone's weights and compute: float32 | bfloat16 | float16 (trainables: fp32)
+    attention: str = "sdpa"  # the backbone's attention kernel: sdpa | eager
     lora_r: int = 16
     lora_alpha: int = 16
     lora_dropout: float = 0.05

