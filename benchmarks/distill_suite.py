@@ -3,7 +3,12 @@
 Rows: SASRec, E4SRec (the baselines), LLMD4Rec_C / LLMD4Rec_L (full method), and the ablations of the paper
 (each reporting its distilled CRM and LLM): without the loop (one round: read from the full run's first round,
 which is the same computation), without adaptive weights, without the embedding update, upward only
-(LLM -> CRM in one phase from the fixed E4SRec teacher, as DLLM2Rec-style methods), downward only.
+(LLM -> CRM in one phase from the fixed E4SRec teacher, as DLLM2Rec-style methods), downward only; and the
+controls that say where a CRM gain comes from, each with the preset's upward schedule: control_beta0 (no KD term),
+control_self (the CRM's own frozen copy as teacher), control_text_init (SASRec whose item table starts from the
+text embeddings) and control_text_self (that SASRec with itself as teacher). --seeds N trains the SASRec baseline
+under N seeds: the `SASRec` row is their mean, with `std` beside `valid` and `test`; the first seed's run is the
+one everything else starts from.
 Writes benchmarks/results/NAME.json; every run folder stays under --runs. Runs already finished there (for example
 launched in parallel with `llmd4rec distill ... run_name=NAME-ABLATION`) are read, with the time they reported,
 and listed in `read_back`; `total_seconds` sums every run's own time (baselines trained here included), while
@@ -26,6 +31,7 @@ from llmd4rec.distill import loop  # noqa: E402
 from llmd4rec.runs import read_metrics  # noqa: E402
 from llmd4rec.training import crm, llm  # noqa: E402
 
+UPWARD_ONCE = ["distill.direction=upward", "distill.rounds=1"]
 ABLATIONS = {
     "full": [],
     "no_loop": None,  # round 1 of the full run
@@ -33,26 +39,38 @@ ABLATIONS = {
     "no_embedding_update": ["distill.embedding_update=false"],
     "upward_only": ["distill.direction=upward", "distill.rounds=1"],  # the LLM teacher never changes: one phase
     "downward_only": ["distill.direction=downward"],
+    "control_beta0": UPWARD_ONCE + ["distill.beta=0"],
+    "control_self": UPWARD_ONCE + ["distill.teacher=self"],
+    "control_text_init": None,  # a train-crm run with crm.text_init=true
+    "control_text_self": UPWARD_ONCE + ["distill.teacher=self", "crm.text_init=true"],  # from control_text_init
 }
+CONTROLS = [k for k in ABLATIONS if k.startswith("control_")]
+
+
+def mean_std(runs: list[dict]) -> dict:
+    """Mean of each metric over seeds, with the sample standard deviation under `std`."""
+    import statistics
+
+    out: dict = {"seeds": len(runs), "std": {}}
+    for split in ("valid", "test"):
+        keys = runs[0][split]
+        out[split] = {k: statistics.fmean(r[split][k] for r in runs) for k in keys}
+        out["std"][split] = {k: statistics.stdev([r[split][k] for r in runs]) if len(runs) > 1 else 0.0
+                             for k in keys}
+    return out
 
 
 def phase_validation(run_dir: Path) -> dict:
-    """Each distillation phase's validation NDCG@10 at its start (epoch 0: the weights it began from) and the best
-    of its distilled epochs, from the run's metrics.jsonl; `kept` says which the phase ended with."""
+    """Each distillation phase's validation NDCG@10 at its start and at its best distilled epoch, and which of the
+    two it deployed, from the phases' done.json."""
     out = {}
-    for record in read_metrics(run_dir):
-        phase = record.get("phase", "")
-        if not phase.startswith("round") or "valid" not in record:
+    for done_file in sorted(run_dir.glob("round*/done.json")):
+        done = json.loads(done_file.read_text())
+        if "distilled" not in done:
             continue
-        row = out.setdefault(phase, {"start": None, "best_distilled": None})
-        value = record["valid"]["NDCG@10"]
-        if record.get("epoch") == 0:
-            row["start"] = value
-        elif row["best_distilled"] is None or value > row["best_distilled"]:
-            row["best_distilled"] = value
-    for row in out.values():
-        if row["start"] is not None and row["best_distilled"] is not None:
-            row["kept"] = "distilled" if row["best_distilled"] > row["start"] else "start"
+        out[done_file.parent.name] = {"start": done["start"]["valid"]["NDCG@10"],
+                                      "best_distilled": done["distilled"]["valid"]["NDCG@10"],
+                                      "kept": "start" if done["kept_start"] else "distilled"}
     return out
 
 
@@ -64,6 +82,7 @@ def main() -> None:
     p.add_argument("--crm-run", help="reuse a trained SASRec run")
     p.add_argument("--llm-run", help="reuse a trained E4SRec run")
     p.add_argument("--only", nargs="*", default=list(ABLATIONS))
+    p.add_argument("--seeds", type=int, default=1, help="SASRec baselines trained under this many seeds")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     base = args.overrides + [f"run_dir={args.runs}"]
@@ -95,15 +114,49 @@ def main() -> None:
         return run_dir, json.loads((run_dir / "results.json").read_text())["train_seconds"]
 
     crm_run, crm_seconds = baseline(args.crm_run, crm, f"{args.name}-sasrec")
+    seeds = [baseline(None, crm, f"{args.name}-sasrec-seed{k}", f"seed={k}", f"crm_train.seed={k}")
+             for k in range(1, args.seeds)]
+    seed_runs = [crm_run] + [r for r, _ in seeds]
     llm_run, llm_seconds = baseline(args.llm_run, llm, f"{args.name}-e4srec", f"crm_run={crm_run}")
     out = header(config_to_dict(cfg()), builds_on(args.crm_run, args.llm_run))
     out.update({"preset": Path(args.config).name, "crm_run": str(crm_run), "llm_run": str(llm_run),
                 "made_runs": [str(r) for r, given in ((crm_run, args.crm_run), (llm_run, args.llm_run)) if not given],
                 "ablations": {k: ABLATIONS[k] for k in args.only}, "rows": {}, "runs": {}, "phases": {},
-                "seconds": {k: s for k, s in (("sasrec", crm_seconds), ("e4srec", llm_seconds)) if s is not None},
+                "seconds": {k: s for k, s in (("sasrec", crm_seconds), ("e4srec", llm_seconds),
+                                              *((f"sasrec_seed{i}", t) for i, (_, t) in enumerate(seeds, 1)))
+                            if s is not None},
                 "read_back": read_back})
+    if args.seeds > 1:
+        out["rows"]["SASRec"] = mean_std([json.loads((r / "results.json").read_text()) for r in seed_runs])
+        out["seed_runs"] = [str(r) for r in seed_runs]
+    text_run = None
     for name in args.only:
-        if ABLATIONS[name] is None:
+        if name == "control_text_init":
+            text_run = finished(f"{args.name}-{name}") or run_or_resume(crm, f"{args.name}-{name}",
+                                                                         "crm.text_init=true")
+            results = json.loads((text_run / "results.json").read_text())
+            out["rows"][name] = {"valid": results["valid"], "test": results["test"]}
+            out["seconds"][name] = results["train_seconds"]
+            out["runs"][name] = str(text_run)
+            out["made_runs"].append(str(text_run))
+        elif name in CONTROLS:
+            start_run = text_run if name == "control_text_self" else crm_run
+            if start_run is None:
+                print(f"skipping {name}: it starts from control_text_init (give both to --only)", file=sys.stderr)
+                continue
+            run_name = f"{args.name}-{name}"
+            run_dir = finished(run_name) or run_or_resume(loop, run_name, f"crm_run={start_run}",
+                                                          f"llm_run={llm_run}", *ABLATIONS[name])
+            results = json.loads((run_dir / "results.json").read_text())
+            out["rows"][name] = results["rows"]["LLMD4Rec_C"]
+            distilled = results["rows"].get("LLMD4Rec_C (distilled, no fall-back)")
+            if distilled:
+                out["rows"][f"{name} (distilled, no fall-back)"] = distilled
+            out["seconds"][name] = results["seconds"]
+            out["runs"][name] = str(run_dir)
+            out["made_runs"].append(str(run_dir))
+            out["phases"][name] = phase_validation(run_dir)
+        elif ABLATIONS[name] is None:
             full = finished(f"{args.name}-full")
             if full is None:
                 continue
@@ -124,8 +177,8 @@ def main() -> None:
             out["made_runs"].append(str(run_dir))
             out["phases"][name] = phase_validation(run_dir)
         if name == "full":
-            out["rows"].update(rows)
-        else:
+            out["rows"].update({k: v for k, v in rows.items() if not (k == "SASRec" and args.seeds > 1)})
+        elif name not in CONTROLS:
             out["rows"][f"{name} (CRM)"] = rows["LLMD4Rec_C"]
             out["rows"][f"{name} (LLM)"] = rows["LLMD4Rec_L"]
         out["total_seconds"] = sum(out["seconds"].values())

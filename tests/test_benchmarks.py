@@ -122,14 +122,16 @@ def test_builds_on_follows_result_files_transitively(tmp_path, monkeypatch):
 
 
 def test_phase_validation_reads_start_and_best_distilled_epoch(tmp_path):
-    records = [{"phase": "crm0", "epoch": 1, "valid": {"NDCG@10": 0.5}},
-               {"phase": "round1-up", "epoch": 0, "valid": {"NDCG@10": 0.071}},
-               {"phase": "round1-up", "epoch": 1, "loss": 1.0, "valid": {"NDCG@10": 0.060}},
-               {"phase": "round1-up", "epoch": 2, "loss": 1.0, "valid": {"NDCG@10": 0.065}},
-               {"phase": "round1-down", "epoch": 0, "valid": {"NDCG@10": 0.020}},
-               {"phase": "round1-down", "epoch": 1, "loss": 1.0, "valid": {"NDCG@10": 0.040}},
-               {"phase": "rounds", "epoch": 1}]
-    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    def phase(name, start, distilled, kept):
+        (tmp_path / name).mkdir()
+        done = {"phase": name, "start": {"valid": {"NDCG@10": start}}, "distilled": {"valid": {"NDCG@10": distilled}},
+                "kept_start": kept}
+        (tmp_path / name / "done.json").write_text(json.dumps(done))
+
+    phase("round1-up", 0.071, 0.065, True)
+    phase("round1-down", 0.020, 0.040, False)
+    (tmp_path / "crm0").mkdir()
+    (tmp_path / "crm0" / "done.json").write_text(json.dumps({"phase": "crm0", "valid": {"NDCG@10": 0.5}}))
     assert phase_validation(tmp_path) == {
         "round1-up": {"start": 0.071, "best_distilled": 0.065, "kept": "start"},
         "round1-down": {"start": 0.020, "best_distilled": 0.040, "kept": "distilled"}}

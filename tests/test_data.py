@@ -57,9 +57,10 @@ def test_real_dataset_stats(name, users, items, interactions):
 
 
 @needs_shared
-def test_beauty_titles_are_asins_and_ids_are_identity():
+def test_beauty_titles_come_from_item_text_else_asins_and_ids_are_identity():
     ds = load_dataset("beauty", data_dir=SHARED)
-    assert ds.titles[1] == "ASIN B004756YJA" and ds.titles[0] == ""
+    assert ds.titles[1] == "OPI Nail Lacquer, Simmer and Shimmer, 0.5-Fluid Ounce" and ds.titles[0] == ""
+    assert ds.titles[495] == "ASIN B001DJ2USM"  # no title in item_text.tsv: the ASIN from item_asin.tsv
     assert ds.item_ids[12101] == "12101"
     assert ds.sequences[0] == [1, 2, 3, 4, 5]
 

@@ -103,10 +103,16 @@ def encode_item_text(cfg: Config, dataset: Dataset, device: torch.device | str =
 
 
 def item_text_embeddings(cfg: Config, dataset: Dataset, device: torch.device | str = "cpu") -> torch.Tensor | None:
-    """E4SRec's text table when llm.item_text is on, else None."""
+    """E4SRec's text table when llm.item_text is on, else None: centred and scaled to unit variance over the items
+    with text (rows without text stay zero), so W_txt's default init gives tokens of W_in's order whatever the
+    backbone's hidden-state scale."""
     if not cfg.llm.item_text:
         return None
-    return encode_item_text(cfg, dataset, device).to(device)
+    table = encode_item_text(cfg, dataset, device)
+    has_text = table.abs().sum(1) > 0
+    rows = table[has_text]
+    table[has_text] = (rows - rows.mean(0)) / rows.std().clamp(min=1e-12)
+    return table.to(device)
 
 
 def project_to_width(table: torch.Tensor, width: int, std: float) -> torch.Tensor:
