@@ -28,6 +28,8 @@ from _common import builds_on, header, write_result  # noqa: E402
 
 from llmd4rec.config import config_to_dict, load_config  # noqa: E402
 from llmd4rec.distill import loop  # noqa: E402
+from llmd4rec.distill.loop import load_distilled  # noqa: E402
+from llmd4rec.pretrained import load_run  # noqa: E402
 from llmd4rec.runs import read_metrics  # noqa: E402
 from llmd4rec.training import crm, llm  # noqa: E402
 
@@ -74,6 +76,29 @@ def phase_validation(run_dir: Path) -> dict:
     return out
 
 
+def analyse(out: dict, crm_run: Path, llm_run: Path) -> dict:
+    """Test ranks of the main rows' models: metrics of users with a head (top 20% by training interactions) or tail
+    target, and the share of users each model ranks the target better than SASRec does (for E4SRec: what an
+    upward phase can hand over)."""
+    from llmd4rec.analysis import better_share, head_items, head_tail_metrics, split_ranks
+
+    models = {"SASRec": load_run(crm_run), "E4SRec": load_run(llm_run)}
+    full = out["runs"].get("full")
+    if full:
+        models["LLMD4Rec_C"] = load_run(full)
+        models["LLMD4Rec_L"] = load_distilled(Path(full), models["LLMD4Rec_C"].dataset.n_items,
+                                              models["LLMD4Rec_C"].cfg, which="llm")
+    for name in CONTROLS:
+        if name in out["runs"]:
+            models[name] = load_run(out["runs"][name])
+    base = models["SASRec"]
+    head = head_items(base.split.train, base.split.n_items)
+    ranks = {name: split_ranks(getattr(m, "model", m), base.split, base.cfg.eval) for name, m in models.items()}
+    return {"head_share_of_items": 0.2,
+            "head_tail": {name: head_tail_metrics(r, base.split.test_targets, head) for name, r in ranks.items()},
+            "vs_SASRec": {name: better_share(r, ranks["SASRec"]) for name, r in ranks.items() if name != "SASRec"}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -83,6 +108,7 @@ def main() -> None:
     p.add_argument("--llm-run", help="reuse a trained E4SRec run")
     p.add_argument("--only", nargs="*", default=list(ABLATIONS))
     p.add_argument("--seeds", type=int, default=1, help="SASRec baselines trained under this many seeds")
+    p.add_argument("--no-analysis", action="store_true", help="skip the head/tail and better-than-SASRec analysis")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     base = args.overrides + [f"run_dir={args.runs}"]
@@ -183,6 +209,9 @@ def main() -> None:
             out["rows"][f"{name} (LLM)"] = rows["LLMD4Rec_L"]
         out["total_seconds"] = sum(out["seconds"].values())
         write_result(args.name, out)  # written as rows arrive: a stopped suite keeps them
+    if not args.no_analysis:
+        out["analysis"] = analyse(out, crm_run, llm_run)
+        write_result(args.name, out)
 
 
 if __name__ == "__main__":

@@ -43,9 +43,12 @@ def distill_table(name: str) -> str:
     if r is None:
         return f"`{name}.json` not run yet."
     keys = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
-    out = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    out = ["| model | " + " | ".join(keys) + " | valid NDCG@10 |", "|---|" + "---|" * (len(keys) + 1)]
     for model, m in r["rows"].items():
-        out.append(f"| {model} | " + " | ".join(_f(m["test"].get(k)) for k in keys) + " |")
+        std = m.get("std", {}).get("test", {})
+        cells = [_f(m["test"].get(k)) + (f" ± {_f(std[k])}" if k in std else "") for k in keys]
+        label = f"{model} (mean of {m['seeds']} seeds ± std)" if "seeds" in m else model
+        out.append(f"| {label} | " + " | ".join(cells) + f" | {_f(m['valid'].get('NDCG@10'))} |")
     return "\n".join(out) + (f"\n\nPreset `{r.get('preset', '')}` (backbone {r['config']['llm']['backbone']}, "
                               f"keep_layers={r['config']['llm']['keep_layers']}). Ablation rows report the "
                               f"distilled CRM and LLM of that run. Command: `{r['command']}`")
@@ -209,6 +212,73 @@ def distill_notes(name: str) -> str:
     return "\n".join(out)
 
 
+def controls_notes(name: str) -> str:
+    """Where a CRM gain comes from, in numbers: the distilled CRM against SASRec's seed noise and every control."""
+    r = _load(name)
+    if r is None or "SASRec" not in r["rows"]:
+        return f"`{name}.json` not run yet."
+    rows = r["rows"]
+    base = rows["SASRec"]
+    mean, std = base["test"]["NDCG@10"], base.get("std", {}).get("test", {}).get("NDCG@10")
+    bar = None if std is None else mean + 2 * std
+    out = [f"- SASRec test NDCG@10 {_f(mean)}" + (f" ± {_f(std)} over {base['seeds']} seeds: a gain counts above "
+                                                  f"{_f(bar)} (mean + 2 std)." if bar is not None else
+                                                  " (one seed: no noise floor recorded).")]
+    for row in [k for k in rows if k.startswith(("LLMD4Rec_C", "control_"))]:
+        value = rows[row]["test"]["NDCG@10"]
+        verdict = "" if bar is None else (" above the noise floor" if value > bar else " within or below the noise floor")
+        out.append(f"- {row}: {_f(value)} (valid {_f(rows[row]['valid']['NDCG@10'])}){verdict}.")
+    controls = {k: v["test"]["NDCG@10"] for k, v in rows.items() if k.startswith("control_")}
+    if controls and "LLMD4Rec_C" in rows:
+        best = max(controls, key=controls.get)
+        diff = rows["LLMD4Rec_C"]["test"]["NDCG@10"] - controls[best]
+        out.append(f"- The strongest control is {best} ({_f(controls[best])}); LLMD4Rec_C is {_f(abs(diff))} "
+                   f"{'above' if diff > 0 else 'below'} it: "
+                   + ("what the LLM adds beyond text and self-distillation." if diff > 0 else
+                      "the gain over SASRec, if any, is explained without the LLM."))
+    share = r.get("analysis", {}).get("vs_SASRec", {})
+    for row in ("E4SRec", "LLMD4Rec_L", "LLMD4Rec_C"):
+        if row in share:
+            out.append(f"- {row} ranks the test target better than SASRec for {share[row]['better']:.1%} of users "
+                       f"(worse for {share[row]['worse']:.1%}).")
+    ht = r.get("analysis", {}).get("head_tail", {})
+    if ht:
+        out.append("- Test NDCG@10 on head / tail targets (top 20% of items by training interactions / the rest): "
+                   + "; ".join(f"{k} {_f(v['head']['NDCG@10'])} / {_f(v['tail']['NDCG@10'])}" for k, v in ht.items())
+                   + ".")
+    return "\n".join(out)
+
+
+def precision_table() -> str:
+    r = _load("sasrec_beauty_bf16")
+    if r is None:
+        return "`sasrec_beauty_bf16.json` not run yet."
+    out = ["| SASRec on Beauty, item scores in | s/epoch | train s to best epoch | best epoch | test HR@10 | "
+           "test NDCG@10 | valid NDCG@10 |", "|---|---|---|---|---|---|---|"]
+    for k, v in r["rows"].items():
+        t = v["metrics"]["test"]
+        out.append(f"| {k} | {_f(v['seconds_per_epoch'], 1)} | {_f(v['train_seconds_to_best'], 0)} | "
+                   f"{v['best_epoch']} | {_f(t['HR@10'])} | {_f(t['NDCG@10'])} | "
+                   f"{_f(v['metrics']['valid']['NDCG@10'])} |")
+    out.append(f"\nbfloat16 / float32 epoch time: {_f(r['epoch_ratio'], 2)} ({_load_note(r)}).")
+    return "\n".join(out)
+
+
+def text_choice_table() -> str:
+    out = ["| dataset | fields / pooling | valid NDCG@10 | test NDCG@10 | seconds to read all items |",
+           "|---|---|---|---|---|"]
+    for name in ("text_embeddings_ml100k", "text_embeddings_beauty"):
+        r = _load(name)
+        if r is None:
+            continue
+        for k, v in r["rows"].items():
+            mark = " (chosen)" if k == r["chosen_on_valid"] else ""
+            out.append(f"| {r['config']['data']['name']} | {', '.join(v['fields'])} / {v['pooling']}{mark} | "
+                       f"{_f(v['metrics']['valid']['NDCG@10'])} | {_f(v['metrics']['test']['NDCG@10'])} | "
+                       f"{_f(v['seconds'], 0)} |")
+    return "\n".join(out)
+
+
 def provenance_table() -> str:
     out = ["| result file | commit | date | wall time | torch threads / cores | load avg start -> end |",
            "|---|---|---|---|---|---|"]
@@ -249,6 +319,10 @@ TABLES = {
     "sasrec_notes": sasrec_notes,
     "llmd4rec_beauty_notes": lambda: distill_notes("llmd4rec_beauty_cpu"),
     "llmd4rec_lastfm_notes": lambda: distill_notes("llmd4rec_lastfm_cpu"),
+    "llmd4rec_ml100k": lambda: distill_table("llmd4rec_ml100k_cpu"),
+    "llmd4rec_ml100k_notes": lambda: controls_notes("llmd4rec_ml100k_cpu"),
+    "sasrec_bf16": precision_table,
+    "text_choice": text_choice_table,
     "provenance": provenance_table,
     "run_all": run_all_note,
     "speed": speed_tables,

@@ -52,10 +52,16 @@ def read_text_table(path: PathLike) -> dict[str, dict[str, str]]:
 
 
 def read_atomic_item_text(path: PathLike) -> dict[str, dict[str, str]]:
-    """MovieLens as a RecBole `.item` file: title, year and genres."""
-    wanted = (("item_id",), ("movie_title", "title"), ("release_year",), ("class", "genre"))
-    return {i: {"title": t, "year": y, "genres": g.replace(" ", ", ")}
-            for _, (i, t, y, g) in _atomic_rows(path, wanted)}
+    """MovieLens as a RecBole `.item` file: its title, and its year and genres where the file has them."""
+    header = read_text(path).split("\n", 1)[0]
+    names = {c.split(":", 1)[0].strip() for c in header.split("\t")}
+    optional = [(field, options) for field, options in (("year", ("release_year",)), ("genres", ("class", "genre")))
+                if any(o in names for o in options)]
+    wanted = (("item_id",), ("movie_title", "title"), *(options for _, options in optional))
+    return {values[0]: {"title": values[1],
+                        **{field: v.replace(" ", ", ") if field == "genres" else v
+                           for (field, _), v in zip(optional, values[2:])}}
+            for _, values in _atomic_rows(path, wanted)}
 
 
 def find_item_text(dataset_file: Path) -> dict[str, dict[str, str]] | None:
