@@ -52,7 +52,12 @@ def crm(config: str, name: str, estimate_s: int) -> Step:
                 (name,), estimate_s=estimate_s, resumes_run=True)
 
 
-LEAD = "arguments to be filled in by the benchmark's author"
+TEACHER = "waits for a text-aware teacher that trains here: see the open teacher issue"
+UPWARD_VARIANTS = ("--variant", "distill.upward_init=continue distill.upward_lr=0.0001 distill.t2=0.2",
+                   "--variant", "distill.upward_init=continue distill.upward_lr=0.0001 distill.t2=1.0",
+                   "--variant", "distill.upward_init=scratch distill.t2=0.2",
+                   "--variant", "distill.upward_init=scratch distill.t2=1.0",
+                   "--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=ensemble")
 
 STEPS: dict[str, Step] = {
     "mostpop": Step("mostpop.py", ("--dataset", "beauty", "--data-dir", "{data}"), ("mostpop_beauty",),
@@ -64,22 +69,37 @@ STEPS: dict[str, Step] = {
     "sasrec_beauty_bf16": Step("sasrec_precision.py", ("--config", "configs/sasrec/beauty.yaml", "--name",
                                                        "sasrec_beauty_bf16", "data.data_dir={data}", "run_dir={runs}"),
                                ("sasrec_beauty_bf16",), estimate_s=2400),
-    "sasrec_seeds": Step("sasrec_seeds.py", (), ("sasrec_seeds",), estimate_s=5000, pending=LEAD),
+    "text_embeddings_ml100k": Step("text_embeddings.py", ("--dataset", "ml-100k", "--data-dir", "{data}", "--name",
+                                                          "text_embeddings_ml100k"), ("text_embeddings_ml100k",),
+                                   estimate_s=500),
+    "text_embeddings_beauty": Step("text_embeddings.py", ("--dataset", "beauty", "--data-dir", "{data}", "--name",
+                                                          "text_embeddings_beauty", "--field-sets", "all"),
+                                   ("text_embeddings_beauty",), estimate_s=3600),
+    "llmd4rec_ml100k_cpu": Step("distill_suite.py", (
+        "--config", "configs/llmd4rec/ml100k_cpu.yaml", "--name", "llmd4rec_ml100k_cpu", "--runs", "{runs}",
+        "--seeds", "3", "data.data_dir={data}", "--only", "full", "control_beta0", "control_self",
+        "control_text_init", "control_text_self", "upward_only"), ("llmd4rec_ml100k_cpu",),
+        needs=("text_embeddings_ml100k",), estimate_s=3600),
+    "upward_sweep_ml100k": Step("upward_sweep.py", (
+        "--config", "configs/llmd4rec/ml100k_cpu.yaml", "--name", "upward_sweep_ml100k", "--runs", "{runs}",
+        "--crm-run", "{ref:llmd4rec_ml100k_cpu.crm_run}", "--llm-run", "{ref:llmd4rec_ml100k_cpu.llm_run}",
+        *UPWARD_VARIANTS, "data.data_dir={data}"), ("upward_sweep_ml100k",), needs=("llmd4rec_ml100k_cpu",),
+        estimate_s=1800),
     "e4srec_beauty_cpu": Step("train_llm.py", ("--config", "configs/e4srec/beauty_cpu.yaml", "--name",
                                                "e4srec_beauty_cpu", "crm_run={ref:sasrec_beauty.run_dir}",
                                                "data.data_dir={data}", "run_dir={runs}"),
                               ("e4srec_beauty_cpu",), needs=("sasrec_beauty",), estimate_s=400, resumes_run=True),
     "e4srec_text_beauty_cpu": Step("train_llm.py", (), ("e4srec_text_beauty_cpu",), needs=("sasrec_beauty",),
-                                   estimate_s=600, resumes_run=True, pending=LEAD),
+                                   estimate_s=600, resumes_run=True, pending=TEACHER),
     "e4srec_text_toys_cpu": Step("train_llm.py", (), ("e4srec_text_toys_cpu",), needs=("sasrec_toys",),
-                                 estimate_s=600, resumes_run=True, pending=LEAD),
+                                 estimate_s=600, resumes_run=True, pending=TEACHER),
     "llmd4rec_beauty_cpu": Step("distill_suite.py", (
         "--config", "configs/llmd4rec/beauty_cpu.yaml", "--name", "llmd4rec_beauty_cpu", "--runs", "{runs}",
         "--crm-run", "{ref:sasrec_beauty.run_dir}", "--llm-run", "{ref:e4srec_beauty_cpu.run_dir}",
         "data.data_dir={data}", "--only", "full", "no_loop", "no_weights", "no_embedding_update", "upward_only"),
         ("llmd4rec_beauty_cpu",), needs=("sasrec_beauty", "e4srec_beauty_cpu"), estimate_s=9000),
     "llmd4rec_toys_cpu": Step("distill_suite.py", (), ("llmd4rec_toys_cpu",), needs=("sasrec_toys",),
-                              estimate_s=9000, pending=LEAD),
+                              estimate_s=9000, pending=TEACHER),
     "llmd4rec_lastfm_cpu": Step("distill_suite.py", (
         "--config", "configs/llmd4rec/lastfm_cpu.yaml", "--name", "llmd4rec_lastfm_cpu", "--runs", "{runs}",
         "--crm-run", "{ref:sasrec_lastfm.run_dir}", "data.data_dir={data}", "--only", "full", "no_loop",
