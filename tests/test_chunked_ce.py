@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from llmd4rec.config import SASRecConfig, load_config
+from llmd4rec.config import SASRecConfig, TrainConfig, load_config
+from llmd4rec.errors import InputError
 from llmd4rec.models.sasrec import SASRec
 from llmd4rec.models.chunked import ChunkedLogSumExp, chunked_cross_entropy
 from llmd4rec.training.crm import rec_loss
@@ -130,6 +131,8 @@ def test_bf16_cross_entropy_with_bias_matches_float32():
 
 def test_item_chunk_must_be_positive():
     model = SASRec(10, SASRecConfig(hidden=8, n_heads=1, max_len=4))
-    cfg = load_config(None, ["crm_train.loss=ce_chunked", "crm_train.item_chunk=0"]).crm_train
+    with pytest.raises(InputError, match="'crm_train.item_chunk' must be at least 1"):  # refused at load
+        load_config(None, ["crm_train.loss=ce_chunked", "crm_train.item_chunk=0"])
+    cfg = TrainConfig(loss="ce_chunked", item_chunk=0)  # built in code: the loss still refuses it
     with pytest.raises(ValueError, match="item_chunk"):
         rec_loss(model, torch.randn(2, 8), torch.tensor([1, 2]), cfg, torch.Generator())

@@ -252,7 +252,7 @@ def test_deepspeed_launch_is_accepted_by_the_llm_recipe(monkeypatch, name, stage
 @pytest.mark.parametrize("args, message", [
     (["train-crm", "crm_train.zero_stage=2"], "train-crm trains with DDP"),
     (["distill", "llm_train.fsdp=true"], "distill trains with DDP"),
-    (["train-llm", "llm_train.zero_stage=4", "crm_run=x"], "zero_stage must be"),
+    (["train-llm", "llm_train.zero_stage=4", "crm_run=x"], "llm_train.zero_stage' must be one of 0, 1, 2, 3"),
 ])
 def test_sharding_a_recipe_does_not_do_is_one_line_error(tmp_path, capsys, args, message):
     from llmd4rec.cli import main

@@ -138,3 +138,45 @@ def test_length_sorted_batches_give_the_same_ranks():
     plain = compute_ranks(BagOfItems(n_items, False), hists, targets, n_items, users_per_batch=4)
     by_length = compute_ranks(BagOfItems(n_items, True), hists, targets, n_items, users_per_batch=4)
     assert np.array_equal(plain, by_length) and plain.max() > 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_target_ranks_last_never_first(bad):
+    """All rankable items count against a non-finite target: 3 items, none seen, so rank 2 (the last place)."""
+    scores = torch.tensor([[0.0, bad, 1.0, 2.0]])
+    assert compute_ranks(FixedScores(scores), [[3]], [1], 3, exclude_seen=False).tolist() == [2]
+    assert compute_ranks(FixedScores(scores.clone()), [[3]], [1], 3, exclude_seen=True).tolist() == [1]
+
+
+def test_all_nan_scorer_ranks_every_target_last():
+    n_items = 6
+    scores = torch.full((4, n_items + 1), float("nan"))
+    hists, targets = [[1], [2, 3], [4], [5]], [2, 4, 6, 1]
+    ranks = compute_ranks(FixedScores(scores), hists, targets, n_items, exclude_seen=True)
+    # rankable: items 1..6 minus the target and the other seen items
+    assert ranks.tolist() == [n_items - 1 - len(set(h) - {t}) for h, t in zip(hists, targets)]
+    m = evaluate(FixedScores(scores.clone()), hists, targets, n_items, ks=(5, 10), exclude_seen=True)
+    assert m["HR@10"] == 1.0 and m["NDCG@10"] < 0.5  # last place inside a tiny catalogue, never first
+    sampled = compute_sampled_ranks(FixedScores(scores.clone()), hists, targets, n_items, n_negatives=3)
+    assert sampled.tolist() == [3, 3, 3, 3]
+
+
+def test_nan_item_outranks_a_finite_target():
+    # target 2 scores 5; item 1 is NaN (counts against), item 3 scores 1 (does not)
+    scores = torch.tensor([[0.0, float("nan"), 5.0, 1.0]])
+    assert compute_ranks(FixedScores(scores), [[3]], [2], 3, exclude_seen=False).tolist() == [1]
+    assert compute_ranks(FixedScores(scores.clone()), [[1]], [2], 3, exclude_seen=True).tolist() == [0]
+
+
+def test_non_finite_padding_column_is_ignored():
+    scores = torch.tensor([[float("nan"), 1.0, 3.0, 2.0]])
+    assert compute_ranks(FixedScores(scores), [[1]], [2], 3, require_finite="in a test").tolist() == [0]
+
+
+def test_require_finite_raises_with_where_it_stands():
+    scores = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, float("nan"), 2.0, 3.0]])
+    with pytest.raises(FloatingPointError, match=r"non-finite scores for 1 of 2 users in phase 'crm', epoch 3"):
+        compute_ranks(FixedScores(scores), [[1], [2]], [3, 3], 3, require_finite="in phase 'crm', epoch 3")
+    with pytest.raises(FloatingPointError, match="1 of 2 users"):
+        compute_sampled_ranks(FixedScores(scores.clone()), [[1], [2]], [3, 3], 3, n_negatives=1,
+                              require_finite="x")

@@ -183,6 +183,48 @@ def test_exploding_learning_rate_stops_with_exit_1_and_a_clear_message(tmp_path,
                         r"is kept in .*boom/crm", line), line
 
 
+def test_the_synthetic_preset_with_a_huge_learning_rate_stops_with_one_line(tmp_path, capsys):
+    """The README's preset as a user would run it: a diverging run never ends with perfect metrics."""
+    assert main(["train-crm", "--config", "configs/sasrec/synthetic.yaml", "crm_train.lr=1e30", "device=cpu",
+                 f"run_dir={tmp_path}", "run_name=diverged"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "non-finite" in line and "phase 'crm', epoch 1" in line
+    assert not (tmp_path / "diverged" / "results.json").exists()
+
+
+def test_non_finite_validation_scores_stop_the_run_with_one_line(tmp_path, capsys, monkeypatch):
+    """A finite loss but NaN scores (a model broken outside the loss): validation stops the run, naming the
+    phase and epoch, instead of ranking the NaN scores; the last good checkpoint is the previous epoch's."""
+    from llmd4rec.models.sasrec import SASRec
+
+    real = SASRec.score_items
+    calls = {"n": 0}
+
+    def broken_after_epoch_1(self, state, lo, hi):
+        out = real(self, state, lo, hi)
+        return out * float("nan") if self.training is False and calls["n"] >= 1 else out
+
+    from llmd4rec.training import crm
+
+    real_fit_eval = crm.evaluate_split
+
+    def evaluate_split(*a, **k):
+        try:
+            return real_fit_eval(*a, **k)
+        finally:
+            calls["n"] += 1
+
+    monkeypatch.setattr(SASRec, "score_items", broken_after_epoch_1)
+    monkeypatch.setattr(crm, "evaluate_split", evaluate_split)
+    assert main(_crm_args(tmp_path, "nanscores", "crm_train.epochs=3")) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert re.fullmatch(r"error: non-finite scores for \d+ of \d+ users in phase 'crm', epoch 2 \(validation\): "
+                        r"the model diverged, lower the learning rate; the last good checkpoint is kept in "
+                        r".*nanscores/crm", line), line
+    _, state = load_checkpoint(tmp_path / "nanscores" / "crm", "last")
+    assert state["epoch"] == 1
+
+
 def test_non_finite_loss_keeps_the_last_good_checkpoint_and_resumes(tmp_path, capsys, monkeypatch):
     from llmd4rec.training import crm
 

@@ -1,6 +1,7 @@
 """Bundles and the HTTP server: the served top-K is the trained model's ranking, and no client input gets a 5xx."""
 
 import asyncio
+import hashlib
 import json
 import socket
 import subprocess
@@ -213,11 +214,14 @@ def test_popularity_fallback(bundle, run):
     for seq in run.dataset.sequences:
         for i in seq:
             counts[i] += 1
+    share = counts / counts.sum()
     counts[0] = float("-inf")
     top = torch.topk(counts, 4)
     r = post(client, "/recommend", {"history": [], "k": 4})
     assert r.status_code == 200 and r.json()["source"] == "popular"
     assert [x["item"] for x in r.json()["items"]] == [run.dataset.item_ids[i] for i in top.indices.tolist()]
+    # scores are each item's share of all interactions, not raw counts
+    assert [x["score"] for x in r.json()["items"]] == pytest.approx(share[top.indices].tolist())
     batch = post(client, "/recommend/batch", {"requests": [{"history": []}, {"history": ["1"]}]}).json()["results"]
     assert [b["source"] for b in batch] == ["popular", "model"]
     assert client.get("/info").json()["empty_history"] == "popular"
@@ -251,6 +255,15 @@ def test_health_info_and_routes(client):
     assert info["max_len"] == MAX_LEN and info["version"] and info["empty_history"] == "error"
     assert client.get("/recommend").status_code == 405
     assert client.get("/nothing").status_code == 404
+
+
+def test_openapi_documents_the_request_bodies(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    one = paths["/recommend"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert one["required"] == ["history"] and set(one["properties"]) == {"history", "k", "exclude_seen"}
+    assert one["additionalProperties"] is False
+    batch = paths["/recommend/batch"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert batch["properties"]["requests"]["items"] == one and batch["properties"]["requests"]["maxItems"] == 256
 
 
 json_values = st.recursive(
@@ -290,7 +303,11 @@ def test_recommend_cli_matches_server(bundle, client, run, capsys):
     recommend_cli(bundle, ",".join(h) + ",", 4, True)
     lines = capsys.readouterr().out.splitlines()
     served = post(client, "/recommend", {"history": h, "k": 4}).json()["items"]
-    assert [line.split()[1] for line in lines[1:]] == [r["item"] for r in served]
+    table = lines.index(next(line for line in lines if line.lstrip().startswith("rank")))
+    assert [line.split()[1] for line in lines[table + 1:]] == [r["item"] for r in served]
+    # the history is shown with its titles first (the synthetic items have titles)
+    titles = [run.dataset.titles[i] for i in run.split.test_inputs[4]]
+    assert lines[0] == "history:" and [line.split(None, 1)[1] for line in lines[1:1 + len(h)]] == titles
     assert cli.main(["recommend", str(bundle), "--history", "1,nope", "--k", "3"]) == 2
     assert "unknown item ids: 'nope'" in capsys.readouterr().err
 
@@ -307,13 +324,9 @@ def test_export_refusals(run, bundle, tmp_path, capsys):
 
 
 def fake_distilled_run(monkeypatch, run, cfg, llm=None):
-    """load_run of a "llmd4rec" run gives its CRM; its LLM comes from load_distilled(..., which="llm")."""
-    import llmd4rec.distill.loop
-
-    monkeypatch.setattr(llmd4rec.pretrained, "load_run", lambda *a, **kw: llmd4rec.pretrained.LoadedRun(
-        run.run_dir, "llmd4rec", cfg, run.dataset, run.split, run.model))
-    monkeypatch.setattr(llmd4rec.distill.loop, "load_distilled",
-                        lambda *a, which="crm", **kw: llm if which == "llm" else run.model)
+    """load_run of a "llmd4rec" run gives its CRM, or its LLM with which="llm"."""
+    monkeypatch.setattr(llmd4rec.pretrained, "load_run", lambda *a, which=None, **kw: llmd4rec.pretrained.LoadedRun(
+        run.run_dir, "llmd4rec", cfg, run.dataset, run.split, llm if which == "llm" else run.model))
 
 
 def test_distillation_run_exports_its_crm(run, tmp_path, monkeypatch):
@@ -398,3 +411,111 @@ def test_real_server_process(bundle, run):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _copy_bundle(bundle: Path, dest: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(bundle, dest))
+
+
+def _rewrite_info(path: Path, change) -> None:
+    info = json.loads((path / "bundle.json").read_text())
+    (path / "bundle.json").write_text(json.dumps(change(info)))
+
+
+def _rehash(path: Path, name: str) -> None:
+    """Record a file's new sha256 in bundle.json, as a careful forger would."""
+    digest = hashlib.sha256((path / name).read_bytes()).hexdigest()
+    _rewrite_info(path, lambda i: {**i, "files": {**i["files"], name: digest}})
+
+
+@pytest.mark.parametrize("name, change, needle", [
+    ("list", lambda i: [1], "must hold a JSON object"),
+    ("no-n-items", lambda i: {k: v for k, v in i.items() if k != "n_items"}, "'n_items' must be a positive integer"),
+    ("no-files", lambda i: {k: v for k, v in i.items() if k != "files"}, "no sha256 recorded"),
+    ("no-model-hash", lambda i: {**i, "files": {**i["files"], "model.safetensors": None}}, "no sha256 recorded"),
+])
+def test_bad_bundle_json_is_one_input_error(bundle, tmp_path, name, change, needle):
+    b = _copy_bundle(bundle, tmp_path / name)
+    _rewrite_info(b, change)
+    with pytest.raises(InputError, match=needle):
+        load_bundle(b)
+
+
+def test_bad_items_json_and_corrupt_files_are_refused(bundle, tmp_path, capsys):
+    b = _copy_bundle(bundle, tmp_path / "items")
+    (b / "items.json").write_text('{"1": "a"}')
+    with pytest.raises(InputError, match="items.json"):  # its checksum no longer matches either
+        load_bundle(b)
+    _rehash(b, "items.json")
+    with pytest.raises(InputError, match="items.json must be a list"):
+        load_bundle(b)
+    # a flipped byte in the weights is caught by bundle.json's sha256 even with no sidecar file
+    c = _copy_bundle(bundle, tmp_path / "flipped")
+    (c / "model.safetensors.sha256").unlink()
+    data = bytearray((c / "model.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (c / "model.safetensors").write_bytes(bytes(data))
+    assert cli.main(["recommend", str(c), "--history", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "checksum mismatch" in err and err.count("\n") == 1
+
+
+def test_non_finite_weights_are_neither_exported_nor_served(run, bundle, tmp_path):
+    broken = SASRec(N_ITEMS, run.cfg.crm)
+    broken.load_state_dict(run.model.state_dict())
+    with torch.no_grad():
+        broken.item_emb.weight[3, 0] = float("nan")
+    with pytest.raises(InputError, match="non-finite weights .*item_emb.weight"):
+        write_bundle(tmp_path / "nan", "crm", broken, run.cfg, run.dataset)
+    assert not (tmp_path / "nan").exists() and not list(tmp_path.glob(".nan.*"))
+    # a bundle whose weights were made non-finite after export (checksums rewritten to match) is refused too
+    from safetensors.torch import save_file
+
+    b = _copy_bundle(bundle, tmp_path / "b")
+    save_file(broken.state_dict(), str(b / "model.safetensors"))
+    (b / "model.safetensors.sha256").unlink()
+    _rehash(b, "model.safetensors")
+    with pytest.raises(InputError, match="non-finite weights"):
+        load_bundle(b)
+
+
+def test_non_finite_scores_are_never_served(client, run, monkeypatch):
+    rec = client.app.state.recommender
+
+    def nan_scores(x):
+        out = torch.arange(N_ITEMS + 1, dtype=torch.float32).repeat(len(x), 1)
+        out[:, N_ITEMS] = float("nan")  # would be the top item
+        out[:, N_ITEMS - 1] = float("inf")
+        return out
+
+    monkeypatch.setattr(rec.model, "score_all", nan_scores)
+    r = post(client, "/recommend", {"history": ["1"], "k": 3})
+    assert r.status_code == 200 and "NaN" not in r.text and "Infinity" not in r.text
+    assert [x["item"] for x in r.json()["items"]] == [str(N_ITEMS - 2), str(N_ITEMS - 3), str(N_ITEMS - 4)]
+
+
+def test_bundle_files_follow_the_umask(run, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = write_bundle(tmp_path / "perm", "crm", run.model, run.cfg, run.dataset)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: 0o644 for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("port, needle", [(99999, "--port must be between 0 and 65535"),
+                                          ("busy", "cannot listen on 127.0.0.1:")])
+def test_serve_bad_port_is_one_line(bundle, capsys, port, needle):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        if port == "busy":
+            port = s.getsockname()[1]
+        assert cli.main(["serve", str(bundle), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err

@@ -12,15 +12,23 @@ from . import __version__
 from .errors import InputError
 
 
-def _config(args: argparse.Namespace):
-    from .config import load_config
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The dotted overrides, with --data-dir as data.data_dir (last, so it wins)."""
+    return [*args.overrides, *([f"data.data_dir={args.data_dir}"] if args.data_dir else [])]
 
-    return load_config(args.config, args.overrides)
+
+def _config(args: argparse.Namespace):
+    """A new run's config, or, with --resume, the run's own config.yaml (see runs.resume_config)."""
+    from .config import load_config
+    from .runs import resume_config
+
+    if args.resume:
+        return resume_config(args.resume, args.config, _overrides(args))
+    return load_config(args.config, _overrides(args))
 
 
 def cmd_data_stats(args: argparse.Namespace) -> None:
     from .data.registry import load_dataset
-
     from .data.text import attach_item_text, read_text_table, text_coverage
 
     dataset = load_dataset(args.dataset, args.data_dir)
@@ -30,7 +38,8 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(stats))
         return
-    for key in ("dataset", "users", "items", "interactions", "avg_len", "density", "items_with_text"):
+    for key in ("dataset", "users", "items", "interactions", "avg_len", "density", "items_with_text",
+                "duplicates_dropped"):
         value = stats[key]
         print(f"{key:>13}: {value:,}" if isinstance(value, int) else f"{key:>13}: {value}")
 
@@ -43,27 +52,37 @@ def cmd_data_item_text(args: argparse.Namespace) -> None:
           f"{counts['with_title']} with a title")
 
 
+_EVAL_OVERRIDES = ("eval.", "data.data_dir=", "device=")  # what may change when a trained run is evaluated
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .config import load_config
     from .evaluation import evaluate_split
     from .pretrained import load_data, load_run
     from .runs import format_table
 
+    if args.run_dir and "=" in args.run_dir and not Path(args.run_dir).exists():  # an override, not a folder
+        args.overrides, args.run_dir = [args.run_dir, *args.overrides], None
     if args.run_dir:
-        run = load_run(args.run_dir, args.overrides)
+        if args.config or args.dataset:
+            raise InputError("a run folder is evaluated under its own config.yaml: drop --config and --dataset")
+        fixed = [o.split("=", 1)[0] for o in args.overrides if not o.startswith(_EVAL_OVERRIDES)]
+        if fixed:
+            raise InputError(f"{', '.join(fixed)}: a run folder is evaluated as it was trained (its config.yaml); "
+                             f"only {', '.join(_EVAL_OVERRIDES)} may be given")
+        run = load_run(args.run_dir, _overrides(args), which=args.model)
         cfg, split, model, name = run.cfg, run.split, run.model, run.kind
-    else:
+        if run.kind == "llmd4rec":
+            name = f"llmd4rec-{args.model or 'crm'}"
+    elif args.model == "mostpop":
         from .models.popularity import MostPop
 
-        if args.model != "mostpop":
-            raise InputError(f"unknown model '{args.model}' (give a run folder, or --model mostpop)")
-        cfg = load_config(args.config, args.overrides)
-        if args.dataset:
-            cfg.data.name = args.dataset
-        if args.data_dir:
-            cfg.data.data_dir = args.data_dir
+        cfg = load_config(args.config, _overrides(args) + ([f"data.name={args.dataset}"] if args.dataset else []))
         _, split = load_data(cfg)
         model, name = MostPop(split.train, split.n_items), "MostPop"
+    else:
+        raise InputError("give a run folder to evaluate (llmd4rec evaluate RUN_DIR), or --model mostpop "
+                         "--dataset NAME for the popularity baseline")
     results = {w: evaluate_split(model, split, cfg.eval, w) for w in ("valid", "test")}
     prefix = "" if cfg.eval.mode == "full" else "sampled_"
     keys = [f"{prefix}{m}@{k}" for m in ("HR", "NDCG", "MRR") for k in cfg.eval.ks]
@@ -111,7 +130,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from .export import export_bundle
 
-    print(export_bundle(Path(args.run_dir), Path(args.out_dir), args.model))
+    print(export_bundle(Path(args.run_dir), Path(args.out_dir), args.model, args.data_dir))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -153,8 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(sp: argparse.ArgumentParser, resume: bool = True) -> None:
         sp.add_argument("--config", help="YAML file under configs/")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. crm_train.lr=5e-4 data.name=toys")
+        sp.add_argument("--data-dir", help="dataset folder laid out like ../shared/data (data.data_dir)")
         if resume:
-            sp.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+            sp.add_argument("--resume", metavar="RUN_DIR",
+                            help="continue a stopped run from its last checkpoint, under its own config.yaml "
+                                 "(overrides may only raise epochs or patience, or change device or data.data_dir)")
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     st = data.add_parser("stats", help="users, items, interactions of a dataset")
@@ -171,9 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="full-ranking metrics of a run folder, or of MostPop")
     ev.add_argument("run_dir", nargs="?")
-    ev.add_argument("--model", default="mostpop")
-    ev.add_argument("--dataset")
-    ev.add_argument("--data-dir")
+    ev.add_argument("--model", choices=("mostpop", "crm", "llm"),
+                    help="mostpop (no run folder); for a distillation run its crm (default) or its llm")
+    ev.add_argument("--dataset", help="with --model mostpop")
     ev.add_argument("--out", help="also write the metrics as JSON here")
     with_config(ev, resume=False)
     ev.set_defaults(func=cmd_evaluate)
@@ -194,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("out_dir")
     ex.add_argument("--model", choices=("crm", "llm"),
                     help="for a distillation run: its CRM (default) or its LLM; other runs hold one model")
+    ex.add_argument("--data-dir", help="dataset folder, when the run's data.data_dir has moved")
     ex.set_defaults(func=cmd_export)
 
     sv = sub.add_parser("serve", help="serve top-K recommendations over HTTP")

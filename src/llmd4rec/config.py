@@ -1,126 +1,166 @@
-"""Typed run configuration: YAML files under configs/, dotted command-line overrides, unknown keys are errors."""
+"""Typed run configuration: YAML files under configs/, dotted command-line overrides, unknown keys are errors.
+
+Every key is checked when the config is loaded, before a run folder exists, from its declaration alone:
+its type (a `typing.Literal` lists the choices), and the rules given with `key(default, ...)`: a range
+(`min`, `max`, `gt`, `lt`, applied to each element of a list), `nonempty` for lists, a `pattern` for strings
+(a regular expression and what it means in words), and
+`resume`, what `--resume` may change ("grow": only upward, such as epochs; "any": where the run runs, such as the
+device), and `shape=True` for the keys that fix the data or a model's shapes, on which a reused run (crm_run,
+llm_run) must agree (`shape="synthetic"`: only for the synthetic dataset). Rules that tie keys together are in
+`_rule_problems`. Floats are always finite.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
+import re
+import time
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 import yaml
 
 from .errors import InputError
 
 
+def key(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None, **rules: Any) -> Any:
+    """A config field with validation rules (see the module docstring)."""
+    unknown = set(rules) - {"min", "max", "gt", "lt", "nonempty", "pattern", "resume", "shape"}
+    if unknown:
+        raise TypeError(f"unknown config rule(s) {sorted(unknown)}")
+    if factory is not None:
+        return field(default_factory=factory, metadata=rules)
+    return field(default=default, metadata=rules)
+
+
+SEED = {"min": 0, "max": 2 ** 32 - 1}  # numpy's seeds
+TEXT = (r".+", "a non-empty string")
+DEVICE = (r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, mps, cuda or cuda:N")
+
+
 @dataclass
 class DataConfig:
-    name: str = "synthetic"
-    data_dir: str | None = None  # local copies laid out like ../shared/data; else $LLMD4REC_DATA, else download
-    max_len: int = 50
-    synthetic_users: int = 2000
-    synthetic_items: int = 500
-    seed: int = 0
-    item_text: str | None = None  # CSV/TSV of item id and text columns; else the text shipped beside the dataset
+    name: str = key("synthetic", pattern=TEXT, shape=True)
+    # local copies laid out like ../shared/data; else $LLMD4REC_DATA, else download
+    data_dir: str | None = key(None, resume="any")
+    max_len: int = key(50, min=1)
+    synthetic_users: int = key(2000, min=1, shape="synthetic")
+    synthetic_items: int = key(500, min=2, shape="synthetic")
+    seed: int = key(0, **SEED, shape="synthetic")  # of the synthetic data
+    # CSV/TSV of item id and text columns; else the text shipped beside the dataset
+    item_text: str | None = key(None, pattern=TEXT)
 
 
 @dataclass
 class EvalConfig:
-    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    ks: list[int] = key(factory=lambda: [5, 10, 20], min=1, nonempty=True)
     exclude_seen: bool = True
-    mode: str = "full"  # "full" ranking, or legacy "sampled" (target + n_negatives)
-    n_negatives: int = 100
-    memory_mb: int = 256  # score buffer budget: sets users per batch and items per chunk
-    seed: int = 0
+    mode: Literal["full", "sampled"] = "full"  # "full" ranking, or legacy "sampled" (target + n_negatives)
+    n_negatives: int = key(100, min=1)
+    memory_mb: int = key(256, min=1, resume="any")  # score buffer budget: sets users per batch and items per chunk
+    seed: int = key(0, **SEED)
 
 
 @dataclass
 class SASRecConfig:
-    hidden: int = 64
-    n_layers: int = 2
-    n_heads: int = 1
-    dropout: float = 0.2
-    max_len: int = 50
-    tie_weights: bool = True
+    hidden: int = key(64, min=1, shape=True)
+    n_layers: int = key(2, min=1, shape=True)
+    n_heads: int = key(1, min=1, shape=True)
+    dropout: float = key(0.2, min=0, lt=1)
+    max_len: int = key(50, min=1, shape=True)
+    tie_weights: bool = key(True, shape=True)
     text_init: bool = False  # item table starts from the text embeddings (section `text`), PCA-projected to `hidden`
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    loss: str = "ce"  # ce | ce_chunked | sampled_ce | bce (the LLM: ce | ce_chunked)
-    n_negatives: int = 256
-    item_chunk: int = 65536  # ce_chunked: items per chunk, so memory stays samples x item_chunk floats
-    precision: str = "bfloat16"  # float32 | bfloat16: the item-score matmuls of the CRM's training loss (models/bf16.py)
-    patience: int = 10
-    eval_every: int = 1
-    grad_clip: float = 5.0
-    warmup_steps: int = 0
-    grad_accum: int = 1
-    max_targets_per_user: int = 50
-    seed: int = 42
+    epochs: int = key(200, min=1, resume="grow")
+    batch_size: int = key(128, min=1)
+    lr: float = key(1e-3, gt=0)
+    weight_decay: float = key(0.0, min=0)
+    loss: Literal["ce", "ce_chunked", "sampled_ce", "bce"] = "ce"  # the LLM: ce | ce_chunked
+    n_negatives: int = key(256, min=1)
+    item_chunk: int = key(65536, min=1)  # ce_chunked: items per chunk, so memory stays samples x item_chunk floats
+    # the item-score matmuls of the CRM's training loss (models/bf16.py)
+    precision: Literal["float32", "bfloat16"] = "bfloat16"
+    patience: int = key(10, min=1, resume="grow")
+    eval_every: int = key(1, min=1)
+    grad_clip: float = key(5.0, min=0)  # 0: no clipping
+    warmup_steps: int = key(0, min=0)
+    grad_accum: int = key(1, min=1)
+    max_targets_per_user: int = key(50, min=0)  # 0: every target
+    seed: int = key(42, **SEED)
     fsdp: bool = False  # LLM under torchrun: shard the backbone with FSDP (accelerate launch sets it from its config)
-    zero_stage: int = 0  # LLM: DeepSpeed ZeRO stage 1, 2 or 3 (0: off; accelerate launch sets it from its config)
+    # LLM: DeepSpeed ZeRO stage 1, 2 or 3 (0: off; accelerate launch sets it from its config)
+    zero_stage: Literal[0, 1, 2, 3] = 0
 
 
 @dataclass
 class E4SRecConfig:
-    backbone: str = "smollm2"  # "smollm2" (embedded GGUF), a hub id, a local folder, or a .gguf path
-    keep_layers: int | None = None  # keep only the first k decoder layers (CPU preset)
-    dtype: str = "float32"  # the frozen backbone's weights and compute: float32 | bfloat16 | float16 (trainables: fp32)
-    attention: str = "sdpa"  # the backbone's attention kernel: sdpa | eager
-    lora_r: int = 16
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    # "smollm2" (embedded GGUF), a hub id, a local folder, or a .gguf path
+    backbone: str = key("smollm2", pattern=TEXT, shape=True)
+    keep_layers: int | None = key(None, min=1, shape=True)  # keep only the first k decoder layers (CPU preset)
+    # the frozen backbone's weights and compute (trainables: fp32)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attention: Literal["sdpa", "eager"] = "sdpa"  # the backbone's attention kernel
+    lora_r: int = key(16, min=1, shape=True)
+    lora_alpha: int = key(16, min=1)
+    lora_dropout: float = key(0.05, min=0, lt=1)
+    lora_targets: list[str] = key(factory=lambda: ["gate_proj", "up_proj", "down_proj"], nonempty=True, shape=True)
     instruction: str = (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n### Instruction:\n"
         "Given the user's purchase history, predict next possible item to be purchased.\n\n### Input:\n"
     )
     response: str = "\n\n### Response:\n"
-    max_len: int = 50
+    max_len: int = key(50, min=1, shape=True)
     share_prefix: bool = True
     all_prefix: bool = True
-    item_text: bool = False  # item tokens W_in(id) + W_txt(text embedding); off: the paper's ID-only E4SRec
+    # item tokens W_in(id) + W_txt(text embedding); off: the paper's ID-only E4SRec
+    item_text: bool = key(False, shape=True)
 
 
 @dataclass
 class TextConfig:
     """How the frozen LLM reads item text (text_embeddings.py): used by llm.item_text and crm.text_init."""
-    backbone: str = "smollm2"  # any backbone llm.backbone accepts; its full depth is used
+    backbone: str = key("smollm2", pattern=TEXT)  # any backbone llm.backbone accepts; its full depth is used
     fields: list[str] = field(default_factory=list)  # text fields to read, in order; empty: all but ids (asin)
-    pooling: str = "mean"  # mean | last: the final hidden states averaged over the text's tokens, or the last one
-    max_tokens: int = 64  # longer texts are cut
-    batch_size: int = 32
-    dtype: str = "bfloat16"  # the backbone's compute dtype while reading (float32 | bfloat16)
+    # the final hidden states averaged over the text's tokens, or the last one
+    pooling: Literal["mean", "last"] = "mean"
+    max_tokens: int = key(64, min=1)  # longer texts are cut
+    batch_size: int = key(32, min=1)
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # the backbone's compute dtype while reading
 
 
 @dataclass
 class DistillConfig:
-    rounds: int = 2
-    t1: float = 0.6
-    t2: float = 0.2
-    gamma: float = 1.0
-    beta: float = 1.0
+    rounds: int = key(2, min=1)
+    t1: float = key(0.6, gt=0)
+    t2: float = key(0.2, gt=0)
+    gamma: float = key(1.0, min=0)
+    beta: float = key(1.0, min=0)
     t_squared: bool = False
     adaptive_weights: bool = True
     embedding_update: bool = True
-    direction: str = "both"  # both | upward | downward
-    cache_topk: int = 256
-    positions: str = "all"  # all | last_k
-    last_k: int = 50
-    crm_epochs: int = 20  # upward phases: at most this many CRM epochs (early stopping on validation)
-    llm_epochs: int = 1
+    direction: Literal["both", "upward", "downward"] = "both"
+    cache_topk: int = key(256, min=1)
+    positions: Literal["all", "last_k"] = "all"
+    last_k: int = key(50, min=1)
+    crm_epochs: int = key(20, min=1)  # upward phases: at most this many CRM epochs (early stopping on validation)
+    llm_epochs: int = key(1, min=1)
     keep_start: bool = True  # a phase whose best distilled epoch validates no better than its start deploys the start
-    upward_init: str = "continue"  # continue | scratch: the CRM continues from its weights, or restarts from a new init
-    upward_lr: float | None = None  # learning rate of upward phases; unset: crm_train.lr
-    teacher: str = "llm"  # llm | ensemble | self: upward teacher (self: a frozen copy of the CRM, the control)
-    ensemble_alpha: float = 0.5  # teacher=ensemble: weight of the LLM's log-probabilities against the CRM's
+    # continue | scratch: the CRM continues from its weights, or restarts from a new init
+    upward_init: Literal["continue", "scratch"] = "continue"
+    upward_lr: float | None = key(None, gt=0)  # learning rate of upward phases; unset: crm_train.lr
+    # upward teacher (self: a frozen copy of the CRM, the control)
+    teacher: Literal["llm", "ensemble", "self"] = "llm"
+    # teacher=ensemble: weight of the LLM's log-probabilities against the CRM's
+    ensemble_alpha: float = key(0.5, min=0, max=1)
 
 
 @dataclass
@@ -129,21 +169,24 @@ class UpdateConfig:
 
     Training keys not named here (batch size, loss, grad clip, seed) come from crm_train."""
 
-    epochs: int = 5
-    lr: float = 5e-4
-    patience: int = 2
-    kd_weight: float = 1.0  # KL to the bundle's own CRM (frozen): keeps what it learnt, from data and the LLM
-    temperature: float = 1.0
+    epochs: int = key(5, min=1)
+    lr: float = key(5e-4, gt=0)
+    patience: int = key(2, min=1)
+    # KL to the bundle's own CRM (frozen): keeps what it learnt, from data and the LLM
+    kd_weight: float = key(1.0, min=0)
+    temperature: float = key(1.0, gt=0)
     min_gain: float = 0.0  # refuse unless held-out NDCG@10 new >= old + min_gain
-    neighbours: int = 10  # a new item starts as the mean embedding of up to this many related known items
+    neighbours: int = key(10, min=1)  # a new item starts as the mean embedding of up to this many related known items
 
 
 @dataclass
 class Config:
-    run_dir: str = "runs"
-    run_name: str | None = None
-    seed: int = 42
-    device: str = "auto"
+    run_dir: str = key("runs", pattern=TEXT)
+    run_name: str | None = key(None, pattern=(r"(?!\.\.?$)[^/\\\x00]+", "one folder name under run_dir"))
+    seed: int = key(42, **SEED)
+    device: str = key("auto", pattern=DEVICE, resume="any")  # auto | cpu | mps | cuda | cuda:N
+    # also log metrics live to these (optional packages); metrics.jsonl is always written
+    report_to: list[Literal["tensorboard", "mlflow"]] = key(factory=list, resume="any")
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     crm: SASRecConfig = field(default_factory=SASRecConfig)
@@ -154,9 +197,20 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     text: TextConfig = field(default_factory=TextConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
-    crm_run: str | None = None  # reuse a trained CRM run folder
-    llm_run: str | None = None  # reuse a trained LLM run folder
+    crm_run: str | None = key(None, pattern=TEXT)  # reuse a trained CRM run folder
+    llm_run: str | None = key(None, pattern=TEXT)  # reuse a trained LLM run folder
 
+
+def _rule_problems(cfg: Config) -> list[tuple[str, str]]:
+    """(key, problem) for each rule that ties keys together and fails."""
+    out = []
+    if cfg.crm.hidden % cfg.crm.n_heads:
+        out.append(("crm.n_heads", f"must divide crm.hidden ({cfg.crm.hidden}), got {cfg.crm.n_heads}"))
+    if 10 not in cfg.eval.ks:
+        out.append(("eval.ks", f"must include 10 (early stopping and the tables use NDCG@10), got {cfg.eval.ks}"))
+    if cfg.llm_train.loss not in ("ce", "ce_chunked"):
+        out.append(("llm_train.loss", f"must be ce or ce_chunked for the LLM, got '{cfg.llm_train.loss}'"))
+    return out
 
 
 # a YAML tag or date-like scalar that cannot be built raises these from inside yaml's constructors
@@ -173,9 +227,20 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
             return None
         return _coerce(value, inner[0], key, source)
+    if origin is Literal:
+        choices, original = ", ".join(map(str, args)), value
+        try:
+            value = _coerce(value, type(args[0]), key, source)
+        except InputError:
+            value = None
+        if value not in args:
+            raise InputError(f"config key '{key}' must be one of {choices}, got {original!r}", source) from None
+        return value
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v != ""]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # eval.ks=10 on the command line is the list [10]
         if not isinstance(value, list):
             raise InputError(f"config key '{key}' must be a list, got {value!r}", source)
         return [_coerce(v, args[0], key, source) for v in value]
@@ -193,10 +258,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 if isinstance(value, float) and not value.is_integer():
                     raise ValueError
                 return int(value) if not isinstance(value, str) else int(value, 10)
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise InputError(f"config key '{key}' must be {'an integer' if tp is int else 'a number'}, got {value!r}",
                              source) from None
+        if not math.isfinite(number):
+            raise InputError(f"config key '{key}' must be a finite number, got {value!r}", source)
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise InputError(f"config key '{key}' must be a string, got {value!r}", source)
@@ -204,20 +272,40 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise InputError(f"config key '{key}' has an unsupported type", source)
 
 
+_BOUNDS = {"min": (lambda v, b: v >= b, "at least"), "max": (lambda v, b: v <= b, "at most"),
+           "gt": (lambda v, b: v > b, "greater than"), "lt": (lambda v, b: v < b, "less than")}
+
+
+def _check_rules(value: Any, rules: typing.Mapping[str, Any], key: str, source: str) -> None:
+    """The rules declared with `key(...)`; a range applies to each element of a list."""
+    if value is None:
+        return
+    if rules.get("nonempty") and not value:
+        raise InputError(f"config key '{key}' must not be empty", source)
+    for v in value if isinstance(value, list) else [value]:
+        for name, (ok, words) in _BOUNDS.items():
+            if name in rules and isinstance(v, (int, float)) and not ok(v, rules[name]):
+                raise InputError(f"config key '{key}' must be {words} {rules[name]}, got {v!r}", source)
+        if "pattern" in rules and isinstance(v, str) and not re.fullmatch(rules["pattern"][0], v):
+            raise InputError(f"config key '{key}' must be {rules['pattern'][1]}, got {v!r}", source)
+
+
 def _apply(obj: Any, data: dict, prefix: str, source: str) -> None:
     if not isinstance(data, dict):
         raise InputError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping", source)
     hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
+    fields = {f.name: f for f in dataclasses.fields(obj)}
     for k, v in data.items():
         key = f"{prefix}{k}"
-        if k not in names:
+        if k not in fields:
             raise InputError(f"unknown config key '{key}'", source)
         current = getattr(obj, k)
         if dataclasses.is_dataclass(current):
             _apply(current, v, key + ".", source)
         else:
-            setattr(obj, k, _coerce(v, hints[k], key, source))
+            value = _coerce(v, hints[k], key, source)
+            _check_rules(value, fields[k].metadata, key, source)
+            setattr(obj, k, value)
 
 
 def _set_dotted(cfg: Config, dotted: str, raw: str) -> None:
@@ -234,8 +322,10 @@ def _set_dotted(cfg: Config, dotted: str, raw: str) -> None:
     _apply(obj, {parts[-1]: value}, ".".join(parts[:-1]) + "." if len(parts) > 1 else "", "command line")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    cfg = Config()
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: Config | None = None
+                ) -> Config:
+    """`base` (default: the defaults), then the YAML file, then the dotted overrides; every key checked."""
+    cfg = copy.deepcopy(base) if base is not None else Config()
     if path is not None:
         path = Path(path)
         try:
@@ -260,6 +350,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise InputError(f"override '{item}' must look like key=value", "command line")
         key, raw = item.split("=", 1)
         _set_dotted(cfg, key.strip(), raw)
+    for key, problem in _rule_problems(cfg):
+        raise InputError(f"config key '{key}' {problem}", "command line" if overrides else path)
     return cfg
 
 
@@ -267,7 +359,62 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
+def flat_keys(cfg: Config) -> dict[str, tuple[Any, typing.Mapping[str, Any]]]:
+    """Every dotted key -> (value, its rules)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update({f"{f.name}.{sub.name}": (getattr(value, sub.name), sub.metadata)
+                        for sub in dataclasses.fields(value)})
+        else:
+            out[f.name] = (value, f.metadata)
+    return out
+
+
+def resume_changes(saved: Config, cfg: Config) -> list[str]:
+    """The keys `cfg` changes against a run's saved config, as "key: old -> new"; InputError when a change is not
+    one `--resume` allows (declared with `resume=`: "grow" only upward, "any" freely)."""
+    old, new = flat_keys(saved), flat_keys(cfg)
+    changes, refused = [], []
+    for key, (value, rules) in new.items():
+        before = old[key][0]
+        if value == before:
+            continue
+        allowed = rules.get("resume") == "any" or (rules.get("resume") == "grow" and value > before)
+        (changes if allowed else refused).append(f"{key}: {before!r} -> {value!r}")
+    if refused:
+        raise InputError(f"--resume continues a run under its own config.yaml; only limits may grow (epochs, "
+                         f"patience) and the device or data folder change, not {', '.join(refused)}")
+    return changes
+
+
+def shape_mismatches(cfg: Config, other: Config, sections: tuple[str, ...]) -> list[str]:
+    """The `shape=True` keys of these sections on which two configs disagree, as "key: other's vs cfg's"."""
+    mine, theirs = flat_keys(cfg), flat_keys(other)
+    synthetic = cfg.data.name.strip().lower() == "synthetic"
+    return [f"{k}={theirs[k][0]!r} there, {mine[k][0]!r} here" for k, (v, rules) in mine.items()
+            if (rules.get("shape") is True or (rules.get("shape") == "synthetic" and synthetic))
+            and k.split(".")[0] in sections and theirs[k][0] != v]
+
+
+def save_config(cfg: Config, path: str | Path, history: list[str] | None = None) -> None:
+    """config.yaml; `history` lines (what each --resume changed) are kept at its top as comments."""
     from .io import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    head = "".join(f"# {line}\n" for line in history or [])
+    atomic_write_text(path, head + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def config_history(path: str | Path) -> list[str]:
+    """The `# resumed ...` comment lines at the top of a run's config.yaml."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.startswith("# "):
+            break
+        out.append(line[2:])
+    return out
+
+
+def resumed_line(changes: list[str]) -> str:
+    return f"resumed {time.strftime('%Y-%m-%d %H:%M:%S')}: {'; '.join(changes)}"

@@ -12,6 +12,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from . import distributed
 from .data.dataset import pad_left
@@ -43,6 +44,22 @@ def count_at_least(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tenso
     return (scores >= threshold).view(torch.uint8).sum(dim=1, dtype=torch.int32).long()
 
 
+def _against(scores: torch.Tensor, threshold: torch.Tensor, finite: bool) -> torch.Tensor:
+    """Which scores count against the target: at least as high, or non-finite (a NaN cannot be ordered, so it is
+    taken as a loss for the target). `finite` says the block was checked finite: the cheap comparison suffices."""
+    ge = scores >= threshold
+    return ge if finite else ge | ~torch.isfinite(scores)
+
+
+def _target_threshold(tscore: torch.Tensor) -> torch.Tensor:
+    """A non-finite target score (NaN, +inf, -inf) ranks last: every rankable item counts against it."""
+    return torch.where(torch.isfinite(tscore), tscore, torch.full_like(tscore, -math.inf))
+
+
+def _diverged(n_bad: int, n: int, require_finite: str) -> FloatingPointError:
+    return FloatingPointError(f"non-finite scores for {n_bad} of {n} users {require_finite}")
+
+
 def _plan(n_items: int, memory_mb: int, n_users: int) -> tuple[int, int]:
     """Users per batch and items per chunk so that one score buffer stays within memory_mb."""
     budget = max(memory_mb, 1) * (1 << 20) // 4 // 3  # floats; the mask and comparison need room too
@@ -65,11 +82,14 @@ def _non_competitors(seen: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int], n_items: int,
                   exclude_seen: bool = True, memory_mb: int = 256, max_len: int | None = None,
                   users_per_batch: int | None = None, items_per_chunk: int | None = None,
-                  device: torch.device | str = "cpu") -> np.ndarray:
+                  device: torch.device | str = "cpu", require_finite: str | None = None) -> np.ndarray:
     """0-based rank of each target: the other rankable items scoring at least as high (ties count against it).
 
-    A constant scorer therefore gets no credit, and a NaN target score ranks last. A history item that is
-    also the target (a repeat) stays rankable; the rest of the history is excluded when exclude_seen.
+    A constant scorer therefore gets no credit. Non-finite scores count against the target: a NaN item outranks
+    it, and a non-finite target score ranks last, so a diverged model scores zero, never perfectly. A history
+    item that is also the target (a repeat) stays rankable; the rest of the history is excluded when exclude_seen.
+    require_finite: when given (the phase and epoch of a validation), any non-finite score raises
+    FloatingPointError with that text instead.
 
     Under torch.distributed the user batches are dealt out to the ranks whole (batch b to rank b mod world) and the
     ranks summed back, so every rank returns the ranks one process would: each batch is scored with exactly the
@@ -82,6 +102,7 @@ def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int]
     ub = users_per_batch or ub
     ic = items_per_chunk or ic
     ranks = np.zeros(n, dtype=np.int64)
+    bad = np.zeros(n, dtype=np.int64)  # 1 for a user with a non-finite score among the rankable columns
     world, me = distributed.world_size(), distributed.rank()
     order = np.arange(n)
     if getattr(model, "trims_padding", False):  # its cost follows the longest history of a batch: batch by length
@@ -91,7 +112,9 @@ def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int]
     rounds = math.ceil(math.ceil(n / ub) / world)
     if world > 1 and len(starts) < rounds:  # every rank runs the model equally often (a sharded model needs it);
         model.encode(pad_left([inputs[u] for u in order[:ub]], max_len).to(device))  # this extra result is unused
-    for start in starts:
+    # a bar on a terminal only (disable=None): a log file gets no carriage returns
+    for start in tqdm(starts, desc="ranking users", unit="batch", leave=False, mininterval=2,
+                      disable=None if distributed.is_main() else True):
         users = order[start:start + ub]
         hist = [inputs[u] for u in users]
         tgt = torch.as_tensor([targets[u] for u in users], dtype=torch.long)
@@ -108,31 +131,42 @@ def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int]
                 cached = s
             rows = ((tgt_dev >= lo) & (tgt_dev < hi)).nonzero(as_tuple=True)[0]
             tscore[rows] = s[rows, tgt_dev[rows] - lo]
-        tscore = torch.nan_to_num(tscore, nan=-math.inf)
+        threshold = _target_threshold(tscore)[:, None]
         count = torch.zeros(len(hist), dtype=torch.long, device=device)
+        nonfinite = torch.zeros(len(hist), dtype=torch.bool, device=device)
         for lo, hi in chunks:
             s = cached if cached is not None else model.score_items(state, lo, hi).float()
-            # count every column at least as high, then take back the non-competitors among them:
+            finite = bool(torch.isfinite(s.sum()))  # one reduction; the per-element test only when it fails
+            if not finite:  # the padding column is never ranked, whatever it holds
+                nonfinite |= ~torch.isfinite(s[:, 1:] if lo == 0 else s).all(dim=1)
+            # count every column against the target, then take back the non-competitors among them:
             # a handful per user, so no [B, items] mask is ever built
-            count += count_at_least(s, tscore[:, None])
+            count += _against(s, threshold, finite).view(torch.uint8).sum(dim=1, dtype=torch.int32).long()
             inside = (skip >= lo) & (skip < hi)
-            taken = torch.gather(s, 1, torch.where(inside, skip - lo, 0)) >= tscore[:, None]
+            taken = _against(torch.gather(s, 1, torch.where(inside, skip - lo, 0)), threshold, finite)
             count -= torch.count_nonzero(taken & inside, dim=1)
         ranks[users] = count.cpu().numpy()
+        bad[users] = (nonfinite | ~torch.isfinite(tscore)).long().cpu().numpy()
     if world > 1:
-        ranks = distributed.all_sum(torch.from_numpy(ranks)).numpy()
+        both = distributed.all_sum(torch.from_numpy(np.stack([ranks, bad]))).numpy()
+        ranks, bad = both[0], both[1]
+    if require_finite is not None and bad.any():
+        raise _diverged(int(bad.sum()), n, require_finite)
     return ranks
 
 
 @torch.no_grad()
 def compute_sampled_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int], n_items: int,
                           n_negatives: int = 100, seed: int = 0, max_len: int | None = None,
-                          batch: int = 256, device: torch.device | str = "cpu") -> np.ndarray:
-    """Legacy protocol: rank of the target among n seeded negatives the user has not seen (ties count against)."""
+                          batch: int = 256, device: torch.device | str = "cpu",
+                          require_finite: str | None = None) -> np.ndarray:
+    """Legacy protocol: rank of the target among n seeded negatives the user has not seen (ties and non-finite
+    scores count against it, as in `compute_ranks`)."""
     if max_len is None:
         max_len = getattr(model, "max_len", None)
     rng = np.random.default_rng(seed)
     ranks = np.empty(len(inputs), dtype=np.int64)
+    n_bad = 0
     for start in range(0, len(inputs), batch):
         hist = inputs[start:start + batch]
         tgt = list(targets[start:start + batch])
@@ -147,32 +181,41 @@ def compute_sampled_ranks(model: Scorer, inputs: list[list[int]], targets: Seque
                     seen.add(cand)
                 if len(seen) > n_items:
                     break
-            ts = s[r, t]
-            ts = -math.inf if torch.isnan(ts) else ts
-            ranks[start + r] = int((s[r, negs] >= ts).sum())
+            row = s[r, [t, *negs]]
+            n_bad += not bool(torch.isfinite(row).all())
+            ranks[start + r] = int(_against(row[1:], _target_threshold(row[:1]), False).sum())
+    if require_finite is not None and n_bad:
+        raise _diverged(n_bad, len(inputs), require_finite)
     return ranks
 
 
 def evaluate(model: Scorer, inputs: list[list[int]], targets: Sequence[int], n_items: int,
              ks: Sequence[int] = (5, 10, 20), exclude_seen: bool = True, mode: str = "full",
              n_negatives: int = 100, seed: int = 0, memory_mb: int = 256, max_len: int | None = None,
-             device: torch.device | str = "cpu") -> dict[str, float]:
+             device: torch.device | str = "cpu", require_finite: str | None = None) -> dict[str, float]:
     """Averaged over all users given. Sampled-mode keys carry a 'sampled_' prefix so they are never mistaken."""
     if mode == "full":
         ranks = compute_ranks(model, inputs, targets, n_items, exclude_seen=exclude_seen,
-                              memory_mb=memory_mb, max_len=max_len, device=device)
+                              memory_mb=memory_mb, max_len=max_len, device=device, require_finite=require_finite)
         return metrics_from_ranks(ranks, ks)
     if mode == "sampled":
         ranks = compute_sampled_ranks(model, inputs, targets, n_items, n_negatives=n_negatives, seed=seed,
-                                      max_len=max_len, device=device)
+                                      max_len=max_len, device=device, require_finite=require_finite)
         return metrics_from_ranks(ranks, ks, prefix="sampled_")
     raise ValueError(f"unknown evaluation mode '{mode}' (full or sampled)")
 
 
-def evaluate_split(model: Scorer, split, cfg, which: str = "test", device: torch.device | str = "cpu") -> dict[str, float]:
-    """Evaluate on the split's 'valid' or 'test' cases with an EvalConfig."""
+def metric_key(cfg, name: str = "NDCG@10") -> str:
+    """The key of a metric under an EvalConfig's mode (sampled-mode keys carry the 'sampled_' prefix)."""
+    return ("sampled_" if cfg.mode == "sampled" else "") + name
+
+
+def evaluate_split(model: Scorer, split, cfg, which: str = "test", device: torch.device | str = "cpu",
+                   require_finite: str | None = None) -> dict[str, float]:
+    """Evaluate on the split's 'valid' or 'test' cases with an EvalConfig. Training passes `require_finite`
+    (where it stands: phase and epoch) so that a diverged model stops the run instead of being ranked."""
     inputs = split.valid_inputs if which == "valid" else split.test_inputs
     targets = split.valid_targets if which == "valid" else split.test_targets
     return evaluate(model, inputs, targets, split.n_items, ks=cfg.ks, exclude_seen=cfg.exclude_seen,
                     mode=cfg.mode, n_negatives=cfg.n_negatives, seed=cfg.seed, memory_mb=cfg.memory_mb,
-                    device=device)
+                    device=device, require_finite=require_finite)

@@ -1,7 +1,8 @@
 """Serving bundles: one folder with everything `serve` needs, so serving never reads a run folder or a dataset.
 
 Layout:
-  bundle.json             kind ("crm" | "llm"), dataset, n_items, max_len, package version, backbone (llm)
+  bundle.json             kind ("crm" | "llm"), dataset, n_items, max_len, package version, backbone (llm), and
+                          `files`: the sha256 of each file below, verified when the bundle is loaded
   config.yaml             the run's resolved config (the model section rebuilds the architecture)
   model.safetensors       SASRec state dict; or E4SRec LoRA + W_in + W_out (+ W_txt) + `item_table` (the frozen
                           item table) and, with llm.item_text, `text_table` (the frozen item text embeddings)
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,32 +27,21 @@ from . import __version__
 from .config import Config, save_config
 from .data.dataset import Dataset
 from .errors import InputError
-from .io import atomic_write_json, save_tensors
+from .io import atomic_write_json, check_finite, make_temp_dir, save_tensors, sha256_file
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2  # 2: bundle.json records every file's sha256
+BUNDLE_FILES = ("model.safetensors", "popularity.safetensors", "items.json", "config.yaml")
 KINDS = ("crm", "llm")
-_RUN_MODEL = {"sasrec": "crm", "e4srec": "llm"}  # run kind -> the one model such a run holds; "llmd4rec" has both
 
 
-def export_bundle(run_dir: Path, out_dir: Path, model: str | None = None) -> Path:
+def export_bundle(run_dir: Path, out_dir: Path, model: str | None = None, data_dir: str | None = None) -> Path:
     """`llmd4rec export`: the run's model as a bundle; a distillation run exports its CRM (default) or its LLM."""
-    from .pretrained import load_run
+    from .pretrained import RUN_MODEL, load_run
 
-    run = load_run(run_dir, device="cpu")  # a distillation run loads its final CRM here
-    if run.kind in _RUN_MODEL:
-        kind = _RUN_MODEL[run.kind]
-        if model not in (None, kind):
-            raise InputError(f"a '{run.kind}' run has no {model} model; it exports as --model {kind}")
-        return write_bundle(out_dir, kind, run.model, run.cfg, run.dataset)
-    kind = model or "crm"
-    if kind not in KINDS:
-        raise InputError(f"--model must be crm or llm, got '{kind}'")
-    net = run.model
-    if kind == "llm":
-        from .distill.loop import load_distilled
-
-        net = load_distilled(run.run_dir, run.dataset.n_items, run.cfg, device="cpu", which="llm")
-    return write_bundle(out_dir, kind, net, run.cfg, run.dataset)
+    if model not in (None, *KINDS):
+        raise InputError(f"--model must be crm or llm, got '{model}'")
+    run = load_run(run_dir, [f"data.data_dir={data_dir}"] if data_dir else None, device="cpu", which=model)
+    return write_bundle(out_dir, model or RUN_MODEL.get(run.kind, "crm"), run.model, run.cfg, run.dataset)
 
 
 def _weights(kind: str, model: Any) -> dict[str, torch.Tensor]:
@@ -75,10 +64,12 @@ def write_bundle(out_dir: Path, kind: str, model: Any, cfg: Config, dataset: Dat
         raise InputError("output folder exists and is not empty", out_dir)
     if model.n_items != dataset.n_items:
         raise InputError(f"model has {model.n_items} items but dataset '{dataset.name}' has {dataset.n_items}")
+    weights = _weights(kind, model)
+    check_finite(weights)  # a diverged model is never exported
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.", ".tmp")
     try:
-        save_tensors(tmp / "model.safetensors", _weights(kind, model))
+        save_tensors(tmp / "model.safetensors", weights)
         if counts is None:
             flat = np.fromiter((i for seq in dataset.sequences for i in seq), dtype=np.int64)
             counts = torch.from_numpy(np.bincount(flat, minlength=dataset.n_items + 1)).float()
@@ -89,7 +80,8 @@ def write_bundle(out_dir: Path, kind: str, model: Any, cfg: Config, dataset: Dat
                   **({"title": titles[i]} if i < len(titles) and titles[i] else {})} for i in range(1, dataset.n_items + 1)]
         atomic_write_json(tmp / "items.json", items)
         info: dict[str, Any] = {"format": BUNDLE_FORMAT, "kind": kind, "dataset": dataset.name,
-                                "n_items": dataset.n_items, "max_len": model.max_len, "version": __version__}
+                                "n_items": dataset.n_items, "max_len": model.max_len, "version": __version__,
+                                "files": {name: sha256_file(tmp / name) for name in BUNDLE_FILES}}
         if kind == "llm":
             info["backbone"] = {"name": cfg.llm.backbone, "keep_layers": cfg.llm.keep_layers, "dtype": cfg.llm.dtype}
         info.update(extra_info or {})

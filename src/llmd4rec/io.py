@@ -29,6 +29,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def umask_mode(folder: bool = False) -> int:
+    """The mode a plain open()/mkdir() would give under the current umask: tempfile's files are 0600 and its folders
+    0700 whatever the umask, which would keep a bundle or a dataset from a server running as another user."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
+
+def make_temp_dir(parent: Path, prefix: str, suffix: str = "") -> Path:
+    """A fresh folder beside its final place (renamed into it when complete), with the umask's permissions."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=suffix))
+    tmp.chmod(umask_mode(folder=True))
+    return tmp
+
+
 def write_error(e: OSError, path: str | os.PathLike) -> InputError:
     """An OSError from writing (disk full, permission denied, read-only file system) as a one-line InputError."""
     reason = e.strerror or e.__class__.__name__
@@ -44,6 +59,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -119,6 +135,14 @@ def read_sidecar(path: str | os.PathLike) -> str | None:
         return None
     except OSError as e:
         raise InputError(f"cannot read ({e.strerror or e.__class__.__name__})", side) from None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: str | os.PathLike | None = None) -> None:
+    """Refuse weights holding NaN or infinity: a diverged model would rank and serve garbage (and JSON has no NaN)."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+        raise InputError(f"non-finite weights (NaN or infinity) in {shown}: the run diverged", path)
 
 
 def load_tensors(path: str | os.PathLike, verify: bool = True, expected_sha256: str | None = None

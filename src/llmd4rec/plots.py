@@ -26,7 +26,8 @@ def plot_run(run_dir: Path) -> list[Path]:
         axes[0].plot([r["epoch"] for r in trained], [r["loss"] for r in trained], marker=".", label=phase)
         ev = [r for r in rows if isinstance(r.get("valid"), dict)]
         for ax, key in ((axes[1], "NDCG@10"), (axes[2], "HR@10")):
-            ax.plot([r["epoch"] for r in ev], [r["valid"][key] for r in ev], marker=".", label=phase)
+            values = [r["valid"].get(key, r["valid"].get(f"sampled_{key}")) for r in ev]  # either protocol
+            ax.plot([r["epoch"] for r in ev], values, marker=".", label=phase)
     for ax, title in zip(axes, ("training loss", "validation NDCG@10", "validation HR@10")):
         ax.set_title(title)
         ax.set_xlabel("epoch")

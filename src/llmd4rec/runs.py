@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config, save_config
+from . import reporting
+from .config import Config, config_history, flat_keys, load_config, resume_changes, resumed_line, save_config
 from .errors import InputError
 from .io import atomic_write_json, atomic_write_text, read_json, write_error
 
@@ -24,9 +26,19 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
+    """The device of `device=` (auto | cpu | mps | cuda | cuda:N), checked to exist on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"config key 'device' must be auto, cpu, mps, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise InputError(f"device={name}, but this machine has {torch.cuda.device_count()} CUDA devices "
+                         f"(torch {torch.__version__}): use device=cpu or device=auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device={name}, but MPS is not available here: use device=cpu or device=auto")
+    return device
 
 
 def _probe_writable(path: Path) -> None:
@@ -35,13 +47,66 @@ def _probe_writable(path: Path) -> None:
     probe.unlink()
 
 
+def resume_config(run_dir: str | Path, config_path: str | None = None, overrides: list[str] | None = None
+                  ) -> Config:
+    """The config of a resumed run: its own config.yaml, then --config and overrides on top, which may only
+    repeat it or make the changes `resume_changes` allows."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise InputError("not a run folder (no config.yaml)", run_dir)
+    saved = load_config(path)
+    cfg = load_config(config_path, overrides, base=saved)
+    resume_changes(saved, cfg)
+    return cfg
+
+
+_START_FILES = {"config.yaml", "run.json", ".write-test"}
+
+
+def _holds_a_run(path: Path) -> bool:
+    """True once a run has written anything besides its start files: a start that failed before (no metrics, no
+    checkpoint) does not block its run_name."""
+    try:
+        return any(p.name not in _START_FILES for p in path.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+
+
+def _fresh_folder(cfg: Config, kind: str) -> Path:
+    """runs/<kind>-<dataset>-<date-time.milliseconds>, created here; a name taken meanwhile (runs started in the
+    same millisecond) gets -2, -3, ..."""
+    now = time.time()
+    dataset = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.data.name).strip("._") or "data"
+    stem = f"{kind}-{dataset}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}.{int(now * 1000) % 1000:03d}"
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        path = Path(cfg.run_dir) / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+
+
 def make_run_dir(cfg: Config, kind: str, resume: str | None = None) -> Path:
+    reporting.check_available(cfg.report_to)
+    path = _make_run_dir(cfg, kind, resume)
+    if cfg.report_to:
+        reporting.start(path, cfg.report_to, {k: v for k, (v, _) in flat_keys(cfg).items()})
+    return path
+
+
+def _make_run_dir(cfg: Config, kind: str, resume: str | None = None) -> Path:
     """A new folder runs/<kind>-<dataset>-<time> or runs/<run_name> (or the one being resumed), checked writable
     before any work. A run_name whose folder already holds a run is refused: a new run never mixes its metrics and
-    checkpoints into another's.
+    checkpoints into another's (a folder left by a start that failed before writing anything is reused).
 
     A resumed folder must hold a run of the same kind (a train-crm run cannot be resumed by distill); a lost or
-    damaged run.json is written again."""
+    damaged run.json is written again. `cfg` may differ from its config.yaml only as `resume_changes` allows;
+    the changes are recorded as a comment line at the top of config.yaml."""
     if resume:
         path = Path(resume)
         if not (path / "config.yaml").exists():
@@ -59,19 +124,21 @@ def make_run_dir(cfg: Config, kind: str, resume: str | None = None) -> Path:
             raise InputError(f"run folder is not writable ({e.strerror})", path) from None
         if found is None:
             atomic_write_json(path / "run.json", {"kind": kind})
+        changes = resume_changes(load_config(path / "config.yaml"), cfg)
+        if changes:
+            save_config(cfg, path / "config.yaml", config_history(path / "config.yaml") + [resumed_line(changes)])
         return path
-    name = cfg.run_name or f"{kind}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = Path(cfg.run_dir) / name
-    if (path / "config.yaml").exists() or (path / "run.json").exists():  # never train over another run's files
-        raise InputError("this run folder already holds a run: continue it with --resume, or choose another "
-                         "run_name", path)
+    if cfg.run_name:
+        path = Path(cfg.run_dir) / cfg.run_name
+        if _holds_a_run(path):  # never train over another run's files
+            raise InputError("this run folder already holds a run: continue it with --resume, or choose another "
+                             "run_name", path)
     try:
-        path.mkdir(parents=True, exist_ok=cfg.run_name is not None)
+        path = Path(cfg.run_dir) / cfg.run_name if cfg.run_name else _fresh_folder(cfg, kind)
+        path.mkdir(parents=True, exist_ok=True)
         _probe_writable(path)
-    except FileExistsError:
-        raise InputError("run folder already exists; pass run_name=... or --resume", path) from None
     except OSError as e:
-        raise InputError(f"run folder is not writable ({e.strerror})", path) from None
+        raise InputError(f"run folder is not writable ({e.strerror})", path if cfg.run_name else cfg.run_dir) from None
     save_config(cfg, path / "config.yaml")
     atomic_write_json(path / "run.json", {"kind": kind})
     return path
@@ -102,6 +169,7 @@ def log_metrics(run_dir: Path, record: dict[str, Any]) -> None:
             os.fsync(f.fileno())
     except OSError as e:
         raise write_error(e, path) from None
+    reporting.report(Path(run_dir), record)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

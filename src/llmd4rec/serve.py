@@ -10,6 +10,7 @@ inside create_app so that the shell command needs no web stack) as live objects.
 
 import asyncio
 import json
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ import torch
 from . import __version__
 from .data.dataset import pad_left
 from .errors import InputError
-from .io import load_tensors, read_json
+from .export import BUNDLE_FILES
+from .io import check_finite, load_tensors, read_json, sha256_file
 
 MAX_BODY_BYTES = 1 << 20
 MAX_BATCH = 256  # requests per /recommend/batch call: bounds the memory and time of one pass
@@ -41,7 +43,8 @@ def _load_model(path: Path, info: dict[str, Any]):
     from .config import load_config
 
     cfg = load_config(path / "config.yaml")
-    weights = load_tensors(path / "model.safetensors")
+    weights = load_tensors(path / "model.safetensors", expected_sha256=info["files"]["model.safetensors"])
+    check_finite(weights, path / "model.safetensors")
     if info["kind"] == "crm":
         from .models.sasrec import SASRec
 
@@ -66,22 +69,51 @@ def _load_model(path: Path, info: dict[str, Any]):
     return model.eval()
 
 
+def _bundle_info(path: Path) -> dict[str, Any]:
+    """bundle.json, checked field by field: a hand-edited or foreign file is one line naming what is wrong."""
+    file = path / "bundle.json"
+    info = read_json(file)
+    if not isinstance(info, dict):
+        raise InputError("bundle.json must hold a JSON object", file)
+    if info.get("kind") not in ("crm", "llm"):
+        raise InputError(f"unknown bundle kind {info.get('kind')!r} (crm or llm)", file)
+    for key in ("n_items", "max_len"):
+        if type(info.get(key)) is not int or info[key] < 1:
+            raise InputError(f"'{key}' must be a positive integer, got {info.get(key)!r}", file)
+    for key in ("dataset", "version"):
+        if not isinstance(info.get(key), str):
+            raise InputError(f"'{key}' must be a string, got {info.get(key)!r}", file)
+    if info["kind"] == "llm" and not (isinstance(info.get("backbone"), dict)
+                                      and {"name", "keep_layers", "dtype"} <= set(info["backbone"])):
+        raise InputError("an LLM bundle needs 'backbone' with name, keep_layers and dtype", file)
+    files = info.get("files")
+    if not isinstance(files, dict) or any(not isinstance(files.get(f), str) for f in BUNDLE_FILES):
+        raise InputError(f"no sha256 recorded for {', '.join(BUNDLE_FILES)} in 'files': an unverifiable bundle "
+                         "(export it again with this version)", file)
+    for name in BUNDLE_FILES[2:]:  # the tensor files are checked as they are loaded
+        if not (path / name).is_file() or sha256_file(path / name) != files[name]:
+            raise InputError("missing, or checksum mismatch: the bundle is incomplete or corrupt", path / name)
+    return info
+
+
 def load_bundle(path: str | Path) -> Bundle:
     path = Path(path)
     if not (path / "bundle.json").is_file():
         raise InputError("not a bundle (no bundle.json); make one with `llmd4rec export`", path)
-    info = read_json(path / "bundle.json")
-    if info.get("kind") not in ("crm", "llm"):
-        raise InputError(f"unknown bundle kind {info.get('kind')!r}", path / "bundle.json")
+    info = _bundle_info(path)
     n = info["n_items"]
     items = read_json(path / "items.json")
+    if not isinstance(items, list) or not all(isinstance(r, dict) and isinstance(r.get("item"), (str, int))
+                                              and isinstance(r.get("title", ""), (str, type(None))) for r in items):
+        raise InputError('items.json must be a list of {"id", "item", "title"} objects', path / "items.json")
     if [r.get("id") for r in items] != list(range(1, n + 1)):
         raise InputError(f"items.json must list ids 1..{n} in order", path / "items.json")
-    counts = load_tensors(path / "popularity.safetensors")["counts"].float()
-    if counts.shape != (n + 1,):
-        raise InputError(f"popularity counts must have {n + 1} entries", path / "popularity.safetensors")
+    tensors = load_tensors(path / "popularity.safetensors", expected_sha256=info["files"]["popularity.safetensors"])
+    counts = tensors.get("counts")
+    if counts is None or counts.shape != (n + 1,) or not bool(torch.isfinite(counts).all() and (counts >= 0).all()):
+        raise InputError(f"popularity 'counts' must be {n + 1} finite counts", path / "popularity.safetensors")
     return Bundle(path, info, _load_model(path, info), ["<pad>"] + [str(r["item"]) for r in items],
-                  [None] + [r.get("title") for r in items], counts)
+                  [None] + [r.get("title") for r in items], counts.float())
 
 
 @dataclass
@@ -102,6 +134,8 @@ class Recommender:
         self.n_items = bundle.info["n_items"]
         self.empty_history = empty_history
         self.index = {item: i for i, item in enumerate(bundle.ids) if i > 0}
+        counts = bundle.popularity
+        self.popular = counts / counts.sum().clamp(min=1)  # an item's share of all interactions, in [0, 1]
 
     def query(self, obj: Any, where: str = "") -> Query:
         """A request object {"history": [...], "k": 10, "exclude_seen": true} -> Query; InputError names the fault."""
@@ -141,13 +175,15 @@ class Recommender:
         return out
 
     def recommend(self, queries: list[Query]) -> list[dict[str, Any]]:
-        """One model pass for all non-empty histories; empty ones (fallback mode) get the popularity ranking."""
+        """One model pass for all non-empty histories; empty ones (fallback mode) get the popularity ranking, scored
+        by each item's share of all interactions. A non-finite model score is never listed (JSON has no NaN)."""
         rows = [r for r, q in enumerate(queries) if q.history]
         with torch.inference_mode():
-            scores = self.bundle.popularity.repeat(len(queries), 1)
+            scores = self.popular.repeat(len(queries), 1)
             if rows:
                 x = pad_left([queries[r].history for r in rows], self.model.max_len)
                 scores[rows] = self.model.score_all(x).float()
+            scores = torch.where(torch.isfinite(scores), scores, float("-inf"))
             scores[:, 0] = float("-inf")
             out = []
             for r, q in enumerate(queries):
@@ -239,7 +275,35 @@ def reply(obj: Any) -> Any:
     """Plain json.dumps: FastAPI's generic encoder costs more than the SASRec forward pass here."""
     from fastapi.responses import Response
 
-    return Response(json.dumps(obj, separators=(",", ":")), media_type="application/json")
+    return Response(json.dumps(obj, separators=(",", ":"), allow_nan=False), media_type="application/json")
+
+
+def _request_bodies(max_batch: int) -> tuple[dict, dict]:
+    """OpenAPI request bodies of /recommend and /recommend/batch, from pydantic models. The endpoints still read
+    and check bodies themselves (one-line 400/413/422 answers); these models only document them."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class RecommendRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        history: list[str | int] = Field(description="original item ids, oldest first")
+        k: int = Field(10, ge=1, description="how many items (at most n_items; default min(10, n_items))")
+        exclude_seen: bool = Field(True, description="never recommend an item of the history")
+
+    class BatchRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        requests: list[RecommendRequest] = Field(min_length=1, max_length=max_batch)
+
+    def inline(node: Any, defs: dict) -> Any:  # the nested model written out: no components to register
+        if isinstance(node, dict):
+            return inline(defs[node["$ref"]], defs) if "$ref" in node else {k: inline(v, defs) for k, v in node.items()}
+        return [inline(v, defs) for v in node] if isinstance(node, list) else node
+
+    def body(model: type[BaseModel]) -> dict:
+        schema = model.model_json_schema(ref_template="{model}")
+        schema = inline(schema, schema.pop("$defs", {}))
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+    return body(RecommendRequest), body(BatchRequest)
 
 
 def create_app(bundle_path: str | Path, *, max_body_bytes: int = MAX_BODY_BYTES, empty_history: str = "error",
@@ -251,6 +315,7 @@ def create_app(bundle_path: str | Path, *, max_body_bytes: int = MAX_BODY_BYTES,
 
     rec = Recommender(load_bundle(bundle_path), empty_history)
     slot = ModelSlot(rec)
+    one_body, batch_body = _request_bodies(max_batch)
     app = FastAPI(title="llmd4rec", version=__version__, lifespan=lifespan)
     app.state.recommender = rec
     app.state.slot = slot
@@ -267,12 +332,12 @@ def create_app(bundle_path: str | Path, *, max_body_bytes: int = MAX_BODY_BYTES,
     async def info() -> Response:
         return reply(slot.current[0].info())
 
-    @app.post("/recommend")
+    @app.post("/recommend", openapi_extra=one_body)
     async def recommend(request: Request) -> Response:
         rec, batcher = slot.current
         return reply(await batcher.recommend(rec.query(await body_json(request, max_body_bytes))))
 
-    @app.post("/recommend/batch")
+    @app.post("/recommend/batch", openapi_extra=batch_body)
     async def recommend_batch(request: Request) -> Response:
         rec = slot.current[0]
         obj = await body_json(request, max_body_bytes)
@@ -303,14 +368,32 @@ def run_app(app: Any, host: str, port: int) -> None:
 
     if app.state.recommender.bundle.info["kind"] == "crm":
         torch.set_num_threads(1)
-    uvicorn.run(app, host=host, port=port, access_log=False, log_level="info")
+    sock = _listen(host, port)  # bound here, so that a port in use is one line, not uvicorn's exit
+    config = uvicorn.Config(app, host=host, port=sock.getsockname()[1], access_log=False, log_level="info")
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    if not 0 <= port <= 65535:
+        raise InputError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def recommend_cli(bundle: Path, history_str: str, k: int, exclude_seen: bool = True) -> None:
     """`llmd4rec recommend`: the same validation and ranking as the server, printed as a table."""
     rec = Recommender(load_bundle(bundle))
     history = [s.strip() for s in history_str.split(",") if s.strip()]
-    result = rec.recommend([rec.query({"history": history, "k": k, "exclude_seen": exclude_seen})])[0]
+    query = rec.query({"history": history, "k": k, "exclude_seen": exclude_seen})
+    result = rec.recommend([query])[0]
+    titles = rec.bundle.titles
+    if any(titles[i] for i in query.history):  # what the history was, when the dataset names its items
+        print("history:\n" + "".join(f"  {rec.bundle.ids[i]}  {titles[i] or ''}\n" for i in query.history))
     width = max((len(r["item"]) for r in result["items"]), default=4)
     print(f"{'rank':>4}  {'item':<{width}}  {'score':>9}  title")
     for n, r in enumerate(result["items"], 1):

@@ -20,6 +20,7 @@ class Dataset:
     titles: list[str] | None = None  # titles[i] for internal id i, "" where unknown
     item_text: dict[str, list[str]] | None = None  # field -> text of internal id i, "" where unknown (data/text.py)
     source: str = ""
+    duplicates_dropped: int = 0  # rows repeating (user, item, timestamp) exactly, dropped by the reader
 
     @property
     def n_users(self) -> int:
@@ -38,6 +39,7 @@ class Dataset:
             "interactions": n,
             "avg_len": round(n / max(self.n_users, 1), 2),
             "density": n / max(self.n_users * self.n_items, 1),
+            "duplicates_dropped": self.duplicates_dropped,
         }
 
 

