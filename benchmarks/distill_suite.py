@@ -30,7 +30,6 @@ from llmd4rec.config import config_to_dict, load_config  # noqa: E402
 from llmd4rec.distill import loop  # noqa: E402
 from llmd4rec.distill.loop import load_distilled  # noqa: E402
 from llmd4rec.pretrained import load_run  # noqa: E402
-from llmd4rec.runs import read_metrics  # noqa: E402
 from llmd4rec.training import crm, llm  # noqa: E402
 
 UPWARD_ONCE = ["distill.direction=upward", "distill.rounds=1"]

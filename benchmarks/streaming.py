@@ -48,6 +48,7 @@ from llmd4rec.export import write_bundle  # noqa: E402
 from llmd4rec.io import atomic_write_json  # noqa: E402
 from llmd4rec.models.sasrec import SASRec  # noqa: E402
 from llmd4rec.serve import load_bundle  # noqa: E402
+from llmd4rec.testing import wait_until_healthy  # noqa: E402
 from llmd4rec.training.crm import fit_crm  # noqa: E402
 from llmd4rec.update import UpdateRefused, update_bundle  # noqa: E402
 
@@ -145,12 +146,8 @@ def start_live(root: Path, db: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "llmd4rec", "serve", str(root), "--events", str(db),
                              "--watch-interval", "0.1", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(1200):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.1)
+    if wait_until_healthy(proc, port, tries=1200):
+        return proc
     proc.kill()
     raise SystemExit("the live server did not start")
 

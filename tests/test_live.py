@@ -26,6 +26,7 @@ from llmd4rec.export import export_bundle  # noqa: E402
 from llmd4rec.growth import grow_rows, grow_sasrec, related_by_history, related_by_title  # noqa: E402
 from llmd4rec.live import create_live_app  # noqa: E402
 from llmd4rec.serve import Query, Recommender, load_bundle  # noqa: E402
+from llmd4rec.testing import wait_until_healthy  # noqa: E402
 from llmd4rec.update import teacher_hook  # noqa: E402
 
 N_ITEMS, MAX_LEN = 60, 12
@@ -202,14 +203,10 @@ def start_server(args: list[str], port: int, env: dict | None = None) -> subproc
     proc = subprocess.Popen([sys.executable, "-m", "llmd4rec", "serve", *args, "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
-    for _ in range(300):
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.1)
+    if wait_until_healthy(proc, port):
+        return proc
+    if proc.poll() is not None:
+        pytest.fail(f"server exited: {proc.stderr.read()[-2000:]}")
     proc.kill()
     pytest.fail("server did not start")
 

@@ -25,3 +25,21 @@ def save_tiny_backbone(folder: str | Path, seed: int = 0, hidden: int = 32, laye
     AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return Path(folder)
+
+
+def wait_until_healthy(proc, port: int, tries: int = 300) -> bool:
+    """Poll a started `llmd4rec serve` process's /health on loopback (0.1 s apart) until it answers 200; False if
+    the process exits or the tries run out (the caller reports it its own way)."""
+    import time
+
+    import httpx
+
+    for _ in range(tries):
+        if proc.poll() is not None:
+            return False
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return True
+        except httpx.TransportError:
+            time.sleep(0.1)
+    return False

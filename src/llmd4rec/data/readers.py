@@ -225,35 +225,42 @@ _USER_COLUMNS = ("user", "user_id")
 _ITEM_COLUMNS = ("item", "item_id")
 
 
-def read_table(path: PathLike, name: str, delimiter: str = ",") -> Dataset:
-    """CSV/TSV with a header holding user (or user_id), item (or item_id) and timestamp columns.
-
-    Ids are strings. Users keep their first-appearance order, each history is stable-sorted by time,
-    and internal item ids follow first appearance in that ordering.
-    """
-    text = read_text(path, "utf-8-sig")
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    rows: list[tuple[str, float, str]] = []
+def table_rows(path: PathLike, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """(line, fields) of a delimited file with a header: first the header's line and its lower-cased names, then
+    every non-blank row. A row of another width or a malformed file is an InputError naming the file and line."""
+    reader = csv.reader(io.StringIO(read_text(path, "utf-8-sig"), newline=""), delimiter=delimiter)
     try:
         header = next(reader, None)
         while header is not None and not any(c.strip() for c in header):
             header = next(reader, None)
         if header is None:
             raise InputError("empty file", path)
-        names = [c.strip().lower() for c in header]
-        cols = _columns(names, (_USER_COLUMNS, _ITEM_COLUMNS, ("timestamp",)), path, reader.line_num)
+        yield reader.line_num, [c.strip().lower() for c in header]
         for record in reader:
-            number = reader.line_num
             if not any(c.strip() for c in record):
                 continue
-            if len(record) != len(names):
-                raise InputError(f"expected {len(names)} columns, got {len(record)}", path, number)
-            user, item, ts = (record[c].strip() for c in cols)
-            if not user or not item:
-                raise InputError("empty user or item id", path, number)
-            rows.append((user, _timestamp(ts, path, number), item))
+            if len(record) != len(header):
+                raise InputError(f"expected {len(header)} columns, got {len(record)}", path, reader.line_num)
+            yield reader.line_num, record
     except csv.Error as e:
         raise InputError(f"malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({e})", path, reader.line_num) from None
+
+
+def read_table(path: PathLike, name: str, delimiter: str = ",") -> Dataset:
+    """CSV/TSV with a header holding user (or user_id), item (or item_id) and timestamp columns.
+
+    Ids are strings. Users keep their first-appearance order, each history is stable-sorted by time,
+    and internal item ids follow first appearance in that ordering.
+    """
+    rows: list[tuple[str, float, str]] = []
+    lines = table_rows(path, delimiter)
+    first, names = next(lines)
+    cols = _columns(names, (_USER_COLUMNS, _ITEM_COLUMNS, ("timestamp",)), path, first)
+    for number, record in lines:
+        user, item, ts = (record[c].strip() for c in cols)
+        if not user or not item:
+            raise InputError("empty user or item id", path, number)
+        rows.append((user, _timestamp(ts, path, number), item))
     seqs, dropped = _by_time(rows)
     order = list(dict.fromkeys(i for s in seqs.values() for i in s))
     return _dataset(name, seqs, order, path, duplicates_dropped=dropped)

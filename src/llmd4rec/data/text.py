@@ -9,16 +9,14 @@ MovieLens' item files (title, year, genres), or any CSV/TSV of item id and text 
 from __future__ import annotations
 
 import ast
-import csv
 import gzip
-import io
 import json
 from pathlib import Path
 
 from ..errors import InputError
 from ..io import atomic_write_text
 from .dataset import Dataset
-from .readers import PathLike, _atomic_rows, read_text
+from .readers import PathLike, _atomic_rows, read_text, table_rows
 
 ID_FIELDS = ("asin", "item_id", "id")  # identifiers, not text a language model knows anything about
 
@@ -26,28 +24,19 @@ ID_FIELDS = ("asin", "item_id", "id")  # identifiers, not text a language model 
 def read_text_table(path: PathLike) -> dict[str, dict[str, str]]:
     """CSV/TSV (by extension; .tsv or .txt: tab) with a header: the first column is the item id, every other column
     a text field. Returns original item id -> {field: text}."""
-    delimiter = "," if str(path).lower().endswith(".csv") else "\t"
-    reader = csv.reader(io.StringIO(read_text(path, "utf-8-sig"), newline=""), delimiter=delimiter)
+    lines = table_rows(path, "," if str(path).lower().endswith(".csv") else "\t")
+    first, names = next(lines)
+    if len(names) < 2:
+        raise InputError("item text needs a header row with an item id column and at least one text column", path,
+                         first)
     out: dict[str, dict[str, str]] = {}
-    try:
-        header = next(reader, None)
-        if not header or len(header) < 2:
-            raise InputError("item text needs a header row with an item id column and at least one text column", path, 1)
-        names = [c.strip().lower() for c in header]
-        for record in reader:
-            number = reader.line_num
-            if not any(c.strip() for c in record):
-                continue
-            if len(record) != len(names):
-                raise InputError(f"expected {len(names)} columns, got {len(record)}", path, number)
-            item = record[0].strip()
-            if not item:
-                raise InputError("empty item id", path, number)
-            if item in out:
-                raise InputError(f"item {item} appears twice", path, number)
-            out[item] = {n: v.strip() for n, v in zip(names[1:], record[1:])}
-    except csv.Error as e:
-        raise InputError(f"malformed item text file ({e})", path, reader.line_num) from None
+    for number, record in lines:
+        item = record[0].strip()
+        if not item:
+            raise InputError("empty item id", path, number)
+        if item in out:
+            raise InputError(f"item {item} appears twice", path, number)
+        out[item] = {n: v.strip() for n, v in zip(names[1:], record[1:])}
     return out
 
 
