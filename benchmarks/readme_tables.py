@@ -310,6 +310,8 @@ def run_all_note() -> str:
 TABLES = {
     "sasrec": lambda: accuracy_table([("MostPop, Beauty", "mostpop_beauty"),
                                       ("SASRec (CE), Beauty", "sasrec_beauty"),
+                                      ("SASRec (CE), item table from the LLM's reading of item text, Beauty",
+                                       "sasrec_beauty_text_init"),
                                       ("SASRec (BCE, 1 negative), Beauty", "sasrec_beauty_bce"),
                                       ("SASRec (CE), Toys", "sasrec_toys"),
                                       ("SASRec (CE), LastFM", "sasrec_lastfm"),

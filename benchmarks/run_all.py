@@ -75,6 +75,10 @@ STEPS: dict[str, Step] = {
     "text_embeddings_beauty": Step("text_embeddings.py", ("--dataset", "beauty", "--data-dir", "{data}", "--name",
                                                           "text_embeddings_beauty", "--field-sets", "all"),
                                    ("text_embeddings_beauty",), estimate_s=3600),
+    "sasrec_beauty_text_init": Step("train_crm.py", ("--config", "configs/sasrec/beauty.yaml", "--name",
+                                                     "sasrec_beauty_text_init", "data.data_dir={data}", "run_dir={runs}",
+                                                     "crm.text_init=true"), ("sasrec_beauty_text_init",),
+                                    needs=("text_embeddings_beauty",), estimate_s=1700, resumes_run=True),
     "llmd4rec_ml100k_cpu": Step("distill_suite.py", (
         "--config", "configs/llmd4rec/ml100k_cpu.yaml", "--name", "llmd4rec_ml100k_cpu", "--runs", "{runs}",
         "--seeds", "3", "data.data_dir={data}", "--only", "full", "control_beta0", "control_self",
