@@ -279,6 +279,20 @@ def text_choice_table() -> str:
     return "\n".join(out)
 
 
+def sweep_table() -> str:
+    r = _load("upward_sweep_ml100k")
+    if r is None:
+        return "`upward_sweep_ml100k.json` not run yet."
+    out = ["| upward phase (teacher: the undistilled E4SRec) | best valid NDCG@10 | its test NDCG@10 | best epoch |",
+           "|---|---|---|---|",
+           f"| start: SASRec (not trained further) | {_f(r['start']['valid']['NDCG@10'])} | "
+           f"{_f(r['start']['test']['NDCG@10'])} | |"]
+    for k, v in r["rows"].items():
+        mark = " (chosen on validation)" if k == r["chosen_on_valid"] else ""
+        out.append(f"| `{k}`{mark} | {_f(v['valid']['NDCG@10'])} | {_f(v['test']['NDCG@10'])} | {v['best_epoch']} |")
+    return "\n".join(out) + f"\n\n{len(r['rows'])} variants run. Command: `{r['command']}`"
+
+
 def provenance_table() -> str:
     out = ["| result file | commit | date | wall time | torch threads / cores | load avg start -> end |",
            "|---|---|---|---|---|---|"]
@@ -324,6 +338,7 @@ TABLES = {
     "llmd4rec_ml100k": lambda: distill_table("llmd4rec_ml100k_cpu"),
     "llmd4rec_ml100k_notes": lambda: controls_notes("llmd4rec_ml100k_cpu"),
     "sasrec_bf16": precision_table,
+    "upward_sweep": sweep_table,
     "text_choice": text_choice_table,
     "provenance": provenance_table,
     "run_all": run_all_note,
