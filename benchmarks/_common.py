@@ -153,7 +153,7 @@ def write_result(target: str | os.PathLike, out: dict) -> Path:
     Stamps the load average now and the seconds since the script started, then writes atomically."""
     path = Path(target) if str(target).endswith(".json") else result_path(str(target))
     out["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    out["wall_seconds"] = round(time.perf_counter() - _START, 1)
+    out["wall_seconds"] = round(time.perf_counter() - _START, 3)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}", flush=True)
