@@ -26,8 +26,6 @@ from llmd4rec.text_embeddings import encode_item_text, text_fields  # noqa: E402
 class LastItemText(torch.nn.Module):
     """Scores = cosine(text of the last history item, text of every item): what the text alone knows."""
 
-    trims_padding = False
-
     def __init__(self, table: torch.Tensor):
         super().__init__()
         self.table = torch.nn.functional.normalize(table, dim=1)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .evaluation import compute_ranks, metrics_from_ranks
+from .evaluation import compute_ranks, metrics_from_ranks, split_cases
 
 
 def split_ranks(model, split, cfg, which: str = "test", device="cpu") -> np.ndarray:
     """Per-user 0-based target ranks under the same protocol as evaluate_split (full ranking)."""
-    inputs, targets = (split.valid_inputs, split.valid_targets) if which == "valid" else \
-        (split.test_inputs, split.test_targets)
+    inputs, targets = split_cases(split, which)
     return compute_ranks(model, inputs, targets, split.n_items, exclude_seen=cfg.exclude_seen,
                          memory_mb=cfg.memory_mb, device=device)
 

@@ -210,12 +210,18 @@ def metric_key(cfg, name: str = "NDCG@10") -> str:
     return ("sampled_" if cfg.mode == "sampled" else "") + name
 
 
+def split_cases(split, which: str) -> tuple[list[list[int]], list[int]]:
+    """(inputs, targets) of the split's 'valid' or 'test' cases."""
+    if which == "valid":
+        return split.valid_inputs, split.valid_targets
+    return split.test_inputs, split.test_targets
+
+
 def evaluate_split(model: Scorer, split, cfg, which: str = "test", device: torch.device | str = "cpu",
                    require_finite: str | None = None) -> dict[str, float]:
     """Evaluate on the split's 'valid' or 'test' cases with an EvalConfig. Training passes `require_finite`
     (where it stands: phase and epoch) so that a diverged model stops the run instead of being ranked."""
-    inputs = split.valid_inputs if which == "valid" else split.test_inputs
-    targets = split.valid_targets if which == "valid" else split.test_targets
+    inputs, targets = split_cases(split, which)
     return evaluate(model, inputs, targets, split.n_items, ks=cfg.ks, exclude_seen=cfg.exclude_seen,
                     mode=cfg.mode, n_negatives=cfg.n_negatives, seed=cfg.seed, memory_mb=cfg.memory_mb,
                     device=device, require_finite=require_finite)

@@ -78,8 +78,8 @@ def attach_item_text(dataset: Dataset, table: dict[str, dict[str, str]], source:
                 columns[f][i] = v
     dataset.item_text = columns
     if "title" in columns:
-        dataset.titles = [t or (old if dataset.titles else "")
-                          for t, old in zip(columns["title"], dataset.titles or [""] * len(columns["title"]))]
+        fallback = dataset.titles or [""] * len(columns["title"])  # e.g. "ASIN ..." where there is no title
+        dataset.titles = [t or f for t, f in zip(columns["title"], fallback)]
     return dataset
 
 

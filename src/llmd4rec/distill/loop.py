@@ -21,7 +21,7 @@ from .. import distributed
 from ..config import Config
 from ..data.dataset import Split
 from ..errors import InputError
-from ..evaluation import evaluate_split
+from ..evaluation import evaluate_split, metric_key
 from ..io import atomic_write_json, load_tensors, read_json, save_tensors
 from ..models.sasrec import SASRec
 from ..pretrained import check_reused_runs, load_crm, load_data
@@ -90,27 +90,25 @@ def _metrics(fitted: dict) -> dict:
     return {"valid": fitted["valid"], "test": fitted["test"]}
 
 
-def _settle(start: dict, fitted: dict, keep_start: bool) -> dict:
+def _settle(start: dict, fitted: dict, keep_start: bool, key: str) -> dict:
     """A distillation phase's outcome: its best distilled epoch, and whether the start is deployed instead (only
     with distill.keep_start, when the distilled model validates no better than the start)."""
     distilled = {**_metrics(fitted), "best_epoch": fitted.get("best_epoch")}
-    kept = keep_start and distilled["valid"]["NDCG@10"] <= start["valid"]["NDCG@10"]
+    kept = keep_start and distilled["valid"][key] <= start["valid"][key]
     final = start if kept else distilled
     return {"valid": final["valid"], "test": final["test"], "start": _metrics(start), "distilled": distilled,
             "kept_start": kept}
 
 
 def _upward_teacher(cfg: Config, crm: SASRec, llm):
-    """(model, kind) of the upward phase's teacher: the LLM, the log-probability ensemble of both models, or a frozen
-    copy of the CRM itself (the self-distillation control that separates the KL's regularisation from the LLM)."""
-    teacher = cfg.distill.teacher
-    if teacher == "llm":
-        return llm, "llm"
-    if teacher == "self":
-        return copy.deepcopy(crm).eval(), "crm"
-    if teacher == "ensemble":
-        return LogProbEnsemble(copy.deepcopy(crm).eval(), llm, cfg.distill.ensemble_alpha), "ensemble"
-    raise InputError(f"distill.teacher must be llm, ensemble or self, got {teacher!r}")
+    """(model, kind) of the upward phase's teacher: the LLM, the log-probability ensemble of both models, or the CRM
+    itself (the self-distillation control that separates the KL's regularisation from the LLM). The CRM is the one
+    the phase starts from: the student is a copy or a new model, so it stays frozen as it is."""
+    if cfg.distill.teacher == "self":
+        return crm.eval(), "crm"
+    if cfg.distill.teacher == "ensemble":
+        return LogProbEnsemble(crm.eval(), llm, cfg.distill.ensemble_alpha), "ensemble"
+    return llm, "llm"
 
 
 def run(cfg: Config, resume: str | None = None) -> Path:
@@ -205,7 +203,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
                     _start_phase(run_dir, phase, resume is not None)
                     fitted = fit_llm(llm, split, cfg, run_dir, phase=phase, train_cfg=tc, kd=kd,
                                      resume=resume is not None)
-                    llm_m = _settle(llm_m, fitted, d.keep_start)
+                    llm_m = _settle(llm_m, fitted, d.keep_start, metric_key(cfg.eval))
                     if llm_m["kept_start"]:
                         llm.load_trainable_state_dict(start_state)
                         llm.set_item_embeddings(start_table)
@@ -270,7 +268,7 @@ def _upward(cfg: Config, t: int, crm: SASRec, crm_m: dict, llm, split: Split, da
     tc = dataclasses.replace(cfg.crm_train, epochs=d.crm_epochs, lr=d.upward_lr or cfg.crm_train.lr)
     _start_phase(run_dir, phase, resume)
     fitted = fit_crm(student, split, cfg, run_dir, phase=phase, train_cfg=tc, kd=kd, resume=resume)
-    outcome = _settle(crm_m, fitted, d.keep_start)
+    outcome = _settle(crm_m, fitted, d.keep_start, metric_key(cfg.eval))
     final = start if outcome["kept_start"] else student
     if distributed.is_main():
         save_tensors(folder / "final.safetensors", final.state_dict())

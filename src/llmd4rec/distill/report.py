@@ -26,7 +26,7 @@ def _keys(rows: dict[str, dict]) -> list[str]:
     """The table's metric keys: those every row has (sampled-mode runs carry a sampled_ prefix; eval.ks may differ)."""
     common = set.intersection(*(set(r["test"]) for r in rows.values()))
     wanted = [k for k in KEYS if k in common]
-    return wanted or sorted(k for k in common if k.split("@")[0].lstrip("sampled_") in ("HR", "NDCG"))
+    return wanted or sorted(k for k in common if k.removeprefix("sampled_").split("@")[0] in ("HR", "NDCG"))
 
 
 def results_table(rows: dict[str, dict], dataset: str, exclude_seen: bool, backbone: str,

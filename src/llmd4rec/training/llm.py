@@ -76,10 +76,8 @@ def build_llm(cfg: Config, item_table: torch.Tensor, device: torch.device | str,
 
 
 def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm", train_cfg: TrainConfig | None = None,
-            kd: KDHook | None = None, resume: bool = False, save_every: int = 50, keep_start: bool = False) -> dict:
+            kd: KDHook | None = None, resume: bool = False, save_every: int = 50) -> dict:
     """AdamW + cosine warmup, early stopping on validation NDCG@10; checkpoints every `save_every` steps too.
-
-    keep_start: the starting weights compete too (a distillation phase never ends worse than it began).
 
     Under torch.distributed every rank forms the same batches of users and takes its own block of users from each
     (`distributed.shard`, balanced by samples); DistributedDataParallel averages the gradients and the loss is scaled
@@ -91,7 +89,7 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
     world, main = distributed.world_size(), distributed.is_main()
     fsdp, zero = distributed.use_fsdp(tc.fsdp), distributed.zero_stage(tc)
     if fsdp or zero:
-        if kd is not None or keep_start:
+        if kd is not None:
             raise InputError("distillation runs with DDP: launch distill without FSDP or DeepSpeed")
         if fsdp and zero:
             raise InputError("FSDP and DeepSpeed ZeRO both asked for: choose one")
@@ -123,13 +121,6 @@ def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
             truncate_metrics(run_dir, phase, epoch - 1)
         if bad >= tc.patience:  # stopped early (a resume may have raised the patience)
             epoch = tc.epochs + 1
-    elif keep_start:
-        model.eval()
-        valid_m = evaluate_split(model, split, cfg.eval, "valid", device, validation_context(phase, 0, folder))
-        best, best_valid = valid_m[metric_key(cfg.eval)], valid_m
-        if main:
-            save_checkpoint(folder, "best", model.trainable_state_dict(), state={"epoch": 0, "valid": valid_m})
-            log_metrics(run_dir, {"phase": phase, "epoch": 0, "valid": valid_m})
     forward = model
     if zero:  # after the resume: ZeRO takes the loaded weights and Adam moments into its partitions
         forward, opt_state = distributed.zero_engine(model, opt, zero, tc, resumed)
