@@ -27,10 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import builds_on, header, write_result  # noqa: E402
 
 from llmd4rec.config import config_to_dict, load_config  # noqa: E402
-from llmd4rec.distill import loop  # noqa: E402
-from llmd4rec.distill.loop import load_distilled  # noqa: E402
-from llmd4rec.pretrained import load_run  # noqa: E402
-from llmd4rec.training import crm, llm  # noqa: E402
+from llmd4rec.loading import load_distilled, load_run  # noqa: E402
+from llmd4rec.recipes import distill, train_crm, train_llm  # noqa: E402
 
 UPWARD_ONCE = ["distill.direction=upward", "distill.rounds=1"]
 ABLATIONS = {
@@ -138,11 +136,11 @@ def main() -> None:
             run_dir = run_or_resume(recipe, run_name, *extra)
         return run_dir, json.loads((run_dir / "results.json").read_text())["train_seconds"]
 
-    crm_run, crm_seconds = baseline(args.crm_run, crm, f"{args.name}-sasrec")
-    seeds = [baseline(None, crm, f"{args.name}-sasrec-seed{k}", f"seed={k}", f"crm_train.seed={k}")
+    crm_run, crm_seconds = baseline(args.crm_run, train_crm, f"{args.name}-sasrec")
+    seeds = [baseline(None, train_crm, f"{args.name}-sasrec-seed{k}", f"seed={k}", f"crm_train.seed={k}")
              for k in range(1, args.seeds)]
     seed_runs = [crm_run] + [r for r, _ in seeds]
-    llm_run, llm_seconds = baseline(args.llm_run, llm, f"{args.name}-e4srec", f"crm_run={crm_run}")
+    llm_run, llm_seconds = baseline(args.llm_run, train_llm, f"{args.name}-e4srec", f"crm_run={crm_run}")
     out = header(config_to_dict(cfg()), builds_on(args.crm_run, args.llm_run))
     out.update({"preset": Path(args.config).name, "crm_run": str(crm_run), "llm_run": str(llm_run),
                 "made_runs": [str(r) for r, given in ((crm_run, args.crm_run), (llm_run, args.llm_run)) if not given],
@@ -157,7 +155,7 @@ def main() -> None:
     text_run = None
     for name in args.only:
         if name == "control_text_init":
-            text_run = finished(f"{args.name}-{name}") or run_or_resume(crm, f"{args.name}-{name}",
+            text_run = finished(f"{args.name}-{name}") or run_or_resume(train_crm, f"{args.name}-{name}",
                                                                          "crm.text_init=true")
             results = json.loads((text_run / "results.json").read_text())
             out["rows"][name] = {"valid": results["valid"], "test": results["test"]}
@@ -170,7 +168,7 @@ def main() -> None:
                 print(f"skipping {name}: it starts from control_text_init (give both to --only)", file=sys.stderr)
                 continue
             run_name = f"{args.name}-{name}"
-            run_dir = finished(run_name) or run_or_resume(loop, run_name, f"crm_run={start_run}",
+            run_dir = finished(run_name) or run_or_resume(distill, run_name, f"crm_run={start_run}",
                                                           f"llm_run={llm_run}", *ABLATIONS[name])
             results = json.loads((run_dir / "results.json").read_text())
             out["rows"][name] = results["rows"]["LLMD4Rec_C"]
@@ -194,7 +192,7 @@ def main() -> None:
             if run_dir is not None:
                 read_back.append(run_name)
             else:
-                run_dir = run_or_resume(loop, run_name, f"crm_run={crm_run}", f"llm_run={llm_run}", *ABLATIONS[name])
+                run_dir = run_or_resume(distill, run_name, f"crm_run={crm_run}", f"llm_run={llm_run}", *ABLATIONS[name])
             results = json.loads((run_dir / "results.json").read_text())
             rows = results["rows"]
             out["seconds"][name] = results["seconds"]  # the run's own time, whichever invocation ran it

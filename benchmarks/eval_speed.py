@@ -23,7 +23,7 @@ from _common import header, write_result  # noqa: E402
 
 from llmd4rec.config import load_config  # noqa: E402
 from llmd4rec.evaluation import compute_ranks, metrics_from_ranks  # noqa: E402
-from llmd4rec.pretrained import load_data  # noqa: E402
+from llmd4rec.loading import load_data  # noqa: E402
 
 
 class DotScorer:

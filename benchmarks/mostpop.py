@@ -13,7 +13,7 @@ from _common import RESULT_HELP, header, write_result  # noqa: E402
 from llmd4rec.config import config_to_dict, load_config  # noqa: E402
 from llmd4rec.evaluation import evaluate_split  # noqa: E402
 from llmd4rec.models.popularity import MostPop  # noqa: E402
-from llmd4rec.pretrained import load_data  # noqa: E402
+from llmd4rec.loading import load_data  # noqa: E402
 
 
 def main() -> None:

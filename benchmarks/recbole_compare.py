@@ -170,7 +170,7 @@ def row(r: dict, load: dict, target: float) -> dict:
 def write_valid(cfg_path: str, data_dir: str, work: Path) -> None:
     """The validation histories and targets in llmd4rec's ids, and its item ids, for both workers."""
     from llmd4rec.config import load_config
-    from llmd4rec.pretrained import load_data
+    from llmd4rec.loading import load_data
 
     dataset, split = load_data(load_config(cfg_path, [f"data.data_dir={data_dir}"]))
     (work / "valid.json").write_text(json.dumps({"n_items": dataset.n_items, "item_ids": dataset.item_ids,

@@ -147,9 +147,9 @@ def worker_ours(args: argparse.Namespace) -> None:
     from llmd4rec.config import load_config
     from llmd4rec.data.dataset import all_positions
     from llmd4rec.models.sasrec import SASRec
-    from llmd4rec.pretrained import load_data
+    from llmd4rec.loading import load_data
     from llmd4rec.runs import read_metrics, seed_everything
-    from llmd4rec.training import crm
+    from llmd4rec.training import crm, phase
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -177,7 +177,7 @@ def worker_ours(args: argparse.Namespace) -> None:
         ndcg.append(valid_metrics(net, valid))
         return {"NDCG@10": ndcg[-1]}
 
-    log_metrics = crm.log_metrics
+    log_metrics = phase.log_metrics
 
     def log_then_maybe_stop(run_dir, record) -> None:
         log_metrics(run_dir, record)
@@ -187,7 +187,7 @@ def worker_ours(args: argparse.Namespace) -> None:
             if args.stop_at_target and record["valid"]["NDCG@10"] >= args.target_ndcg:
                 raise Reached
 
-    crm.evaluate_split, crm.log_metrics = evaluate, log_then_maybe_stop
+    crm.evaluate_split, phase.log_metrics = evaluate, log_then_maybe_stop
     run_dir = work / "ours_run"
     run_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -20,14 +20,14 @@ from _common import header, recipe_args, write_result  # noqa: E402
 
 from llmd4rec.config import config_to_dict, load_config  # noqa: E402
 from llmd4rec.runs import read_metrics  # noqa: E402
-from llmd4rec.training import crm  # noqa: E402
+from llmd4rec.recipes import train_crm  # noqa: E402
 
 
 def one_run(args, precision: str, stamp: str) -> tuple[dict, dict]:
     cfg = load_config(args.config, args.overrides + [f"crm_train.precision={precision}",
                                                      f"run_name={args.name}-{precision}-{stamp}"])
     t0 = time.perf_counter()
-    run_dir = crm.run(cfg)
+    run_dir = train_crm.run(cfg)
     wall = time.perf_counter() - t0
     results = json.loads((run_dir / "results.json").read_text())
     records = [r for r in read_metrics(run_dir) if r.get("phase") == "crm"]

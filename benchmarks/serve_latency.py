@@ -31,7 +31,7 @@ from _common import RESULT_HELP, builds_on, header, write_result  # noqa: E402
 
 from llmd4rec.config import load_config  # noqa: E402
 from llmd4rec.io import read_json  # noqa: E402
-from llmd4rec.pretrained import load_data  # noqa: E402
+from llmd4rec.loading import load_data  # noqa: E402
 
 
 def histories(bundle: Path, data_dir: str | None, n: int, seed: int) -> list[list[str]]:

@@ -19,7 +19,7 @@ from _common import RESULT_HELP, header, write_result  # noqa: E402
 
 from llmd4rec.config import config_to_dict, load_config  # noqa: E402
 from llmd4rec.evaluation import evaluate_split  # noqa: E402
-from llmd4rec.pretrained import load_data  # noqa: E402
+from llmd4rec.loading import load_data  # noqa: E402
 from llmd4rec.text_embeddings import encode_item_text, text_fields  # noqa: E402
 
 

@@ -17,14 +17,14 @@ from _common import header, recipe_args, write_result  # noqa: E402
 
 from llmd4rec.config import config_to_dict, load_config  # noqa: E402
 from llmd4rec.runs import read_metrics  # noqa: E402
-from llmd4rec.training import crm  # noqa: E402
+from llmd4rec.recipes import train_crm  # noqa: E402
 
 
 def main() -> None:
     args = recipe_args(__doc__)
     run_name = f"run_name={args.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # a new folder for every new run
     cfg = load_config(args.config, args.overrides + [run_name] * (args.resume is None))
-    run_dir = crm.run(cfg, args.resume)
+    run_dir = train_crm.run(cfg, args.resume)
     results = json.loads((run_dir / "results.json").read_text())
     records = [r for r in read_metrics(run_dir) if r.get("phase") == "crm"]
     epoch_seconds = [r["epoch_seconds"] for r in records]

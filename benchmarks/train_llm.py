@@ -16,16 +16,16 @@ from _common import builds_on, header, recipe_args, write_result  # noqa: E402
 
 from llmd4rec.config import config_to_dict, load_config  # noqa: E402
 from llmd4rec.evaluation import evaluate_split  # noqa: E402
-from llmd4rec.pretrained import load_crm, load_data  # noqa: E402
+from llmd4rec.loading import load_crm, load_data  # noqa: E402
 from llmd4rec.runs import read_metrics  # noqa: E402
-from llmd4rec.training import llm  # noqa: E402
+from llmd4rec.recipes import train_llm  # noqa: E402
 
 
 def main() -> None:
     args = recipe_args(__doc__)
     run_name = f"run_name={args.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # a new folder for every new run
     cfg = load_config(args.config, args.overrides + [run_name] * (args.resume is None))
-    run_dir = llm.run(cfg, args.resume)
+    run_dir = train_llm.run(cfg, args.resume)
     results = json.loads((run_dir / "results.json").read_text())
     dataset, split = load_data(cfg)
     crm_model = load_crm(Path(cfg.crm_run), dataset.n_items, cfg)

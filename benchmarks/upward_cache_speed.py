@@ -26,9 +26,9 @@ from llmd4rec.config import config_to_dict, load_config  # noqa: E402
 from llmd4rec.distill.teacher import build_cache, kd_hook, sample_index  # noqa: E402
 from llmd4rec.distill.losses import kd_kl  # noqa: E402
 from llmd4rec.distill.weights import target_ranks, weights_llm_to_crm  # noqa: E402
-from llmd4rec.pretrained import load_crm, load_data  # noqa: E402
+from llmd4rec.loading import load_crm, load_data, load_llm  # noqa: E402
 from llmd4rec.training.crm import fit_crm  # noqa: E402
-from llmd4rec.training.llm import load_llm, sample_grid  # noqa: E402
+from llmd4rec.training.llm import sample_grid  # noqa: E402
 
 
 def online_hook(teacher, inputs: torch.Tensor, index: torch.Tensor, cfg):

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULT_HELP, builds_on, header, write_result  # noqa: E402
 
 from llmd4rec.config import config_to_dict, load_config  # noqa: E402
-from llmd4rec.distill import loop  # noqa: E402
+from llmd4rec.recipes import distill  # noqa: E402
 
 FIXED = ["distill.direction=upward", "distill.rounds=1", "distill.keep_start=false"]
 
@@ -40,7 +40,7 @@ def main() -> None:
         run_dir = Path(args.runs) / run_name
         if not (run_dir / "results.json").exists():
             resume = str(run_dir) if (run_dir / "config.yaml").exists() else None
-            loop.run(load_config(args.config, base + variant.split() + [f"run_name={run_name}"]), resume)
+            distill.run(load_config(args.config, base + variant.split() + [f"run_name={run_name}"]), resume)
         results = json.loads((run_dir / "results.json").read_text())
         distilled = results["rows"]["LLMD4Rec_C (distilled, no fall-back)"]
         out["rows"][variant] = {"valid": distilled["valid"], "test": distilled["test"],

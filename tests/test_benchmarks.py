@@ -41,7 +41,7 @@ def test_run_all_only_mostpop_writes_a_traceable_result(tmp_path):
     from llmd4rec.config import load_config
     from llmd4rec.evaluation import evaluate_split
     from llmd4rec.models.popularity import MostPop
-    from llmd4rec.pretrained import load_data
+    from llmd4rec.loading import load_data
 
     data, results = tiny_beauty(tmp_path / "data"), tmp_path / "results"
     done = run(["benchmarks/run_all.py", "--only", "mostpop", "--data-dir", str(data), "--runs",

@@ -8,7 +8,7 @@ import torch
 from llmd4rec.cli import main
 from llmd4rec.distill import TeacherCache
 from llmd4rec.distill.teacher import kd_hook, sample_index
-from llmd4rec.pretrained import load_run
+from llmd4rec.loading import load_run
 from llmd4rec.evaluation import evaluate_split
 from llmd4rec.training.llm import sample_grid
 

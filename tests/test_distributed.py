@@ -17,16 +17,16 @@ import torch.multiprocessing as mp
 
 from llmd4rec.config import load_config
 from llmd4rec.distributed import free_port
-from llmd4rec.distill import loop
 from llmd4rec.evaluation import evaluate_split
 from llmd4rec.io import save_tensors
 from llmd4rec.models.sasrec import SASRec
-from llmd4rec.pretrained import load_crm, load_data
+from llmd4rec.loading import load_crm, load_data, load_llm
 from llmd4rec.testing import save_tiny_backbone
-from llmd4rec.training import crm, llm
+from llmd4rec.recipes import distill, train_crm, train_llm
+from llmd4rec.training import llm
 
 METRICS = [f"{m}@{k}" for m in ("HR", "NDCG", "MRR") for k in (5, 10, 20)]
-RECIPES = {"crm": crm, "llm": llm, "distill": loop}
+RECIPES = {"crm": train_crm, "llm": train_llm, "distill": distill}
 
 
 class Killed(Exception):
@@ -149,7 +149,7 @@ def test_tiny_e4srec_two_processes_match_one(tmp_path, parallel):
 
     cfg = load_config(None, overrides)
     dataset, split = load_data(cfg)
-    model = llm.load_llm(two, dataset.n_items, cfg)
+    model = load_llm(two, dataset.n_items, cfg)
     assert _single_process_eval(model, split, cfg) == {"valid": b["valid"], "test": b["test"]}
 
 

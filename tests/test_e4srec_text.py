@@ -17,7 +17,7 @@ from test_e4srec import HIST, N_ITEMS, make_model, tokenizer  # noqa: E402,F401
 from llmd4rec.config import Config  # noqa: E402
 from llmd4rec.errors import InputError  # noqa: E402
 from llmd4rec.io import save_tensors  # noqa: E402
-from llmd4rec.training.llm import build_llm, load_llm  # noqa: E402
+from llmd4rec.loading import build_llm, load_llm  # noqa: E402
 
 D_TXT = 12
 NO_TEXT = [3, 4, 5, 7]  # items without text: zero rows

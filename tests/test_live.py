@@ -36,13 +36,13 @@ TOKEN = "s3cret-token"
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     """A tiny SASRec trained for one epoch on the synthetic data, exported as a plain bundle."""
-    from llmd4rec.training import crm
+    from llmd4rec.recipes import train_crm
 
     root = tmp_path_factory.mktemp("live")
     cfg = load_config(None, ["data.name=synthetic", "data.synthetic_users=200", f"data.synthetic_items={N_ITEMS}",
                              "crm_train.epochs=1", "crm.hidden=16", f"crm.max_len={MAX_LEN}", f"data.max_len={MAX_LEN}",
                              "device=cpu", f"run_dir={root}", "run_name=sasrec"])
-    return export_bundle(crm.run(cfg), root / "bundle")
+    return export_bundle(train_crm.run(cfg), root / "bundle")
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ from llmd4rec.cli import main
 from llmd4rec.config import Config, load_config
 from llmd4rec.errors import InputError
 from llmd4rec.io import atomic_write_bytes, load_tensors, save_tensors
-from llmd4rec.training import checkpoint as ckpt
 from llmd4rec.training.checkpoint import has_checkpoint, load_checkpoint, load_weights, save_checkpoint
 
 SMALL = ["--config", "configs/sasrec/synthetic.yaml", "data.synthetic_users=120", "data.synthetic_items=40",
@@ -226,10 +225,10 @@ def test_non_finite_validation_scores_stop_the_run_with_one_line(tmp_path, capsy
 
 
 def test_non_finite_loss_keeps_the_last_good_checkpoint_and_resumes(tmp_path, capsys, monkeypatch):
-    from llmd4rec.training import crm
+    from llmd4rec.training import crm, phase
 
     args = _crm_args(tmp_path, "nan", "crm_train.epochs=3")
-    real_loss, real_save = crm.rec_loss, crm.save_checkpoint
+    real_loss, real_save = crm.rec_loss, phase.save_checkpoint
     saved = {"last": 0}
 
     def save(folder, tag, *a, **k):
@@ -241,7 +240,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint_and_resumes(tmp_path, ca
         return (loss * float("nan") if saved["last"] >= 1 else loss), logits
 
     monkeypatch.setattr(crm, "rec_loss", poisoned)
-    monkeypatch.setattr(crm, "save_checkpoint", save)
+    monkeypatch.setattr(phase, "save_checkpoint", save)
     assert main(args) == 1
     line = _one_error_line(capsys.readouterr().err)
     assert "non-finite loss in phase 'crm', epoch 2, step 0" in line
@@ -253,7 +252,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint_and_resumes(tmp_path, ca
     assert [r["epoch"] for r in records] == [1]
     # the cause fixed, the run resumes from that checkpoint and matches an uninterrupted one
     monkeypatch.setattr(crm, "rec_loss", real_loss)
-    monkeypatch.setattr(crm, "save_checkpoint", real_save)
+    monkeypatch.setattr(phase, "save_checkpoint", real_save)
     assert main(args + ["--resume", str(tmp_path / "nan")]) == 0
     assert main(_crm_args(tmp_path, "straight", "crm_train.epochs=3")) == 0
     got, want = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("nan", "straight"))
@@ -264,9 +263,9 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint_and_resumes(tmp_path, ca
 
 def test_disk_full_during_training_is_one_line_exit_2_and_nothing_half_written(tmp_path, capsys, monkeypatch):
     import llmd4rec.io as io_mod
-    from llmd4rec.training import crm
+    from llmd4rec.training import phase
 
-    real_replace, real_save = os.replace, crm.save_checkpoint
+    real_replace, real_save = os.replace, phase.save_checkpoint
     full = {"on": False}
 
     def replace(src, dst, *a, **k):
@@ -280,7 +279,7 @@ def test_disk_full_during_training_is_one_line_exit_2_and_nothing_half_written(t
             full["on"] = True  # the disk fills up right after the first epoch's checkpoint
 
     monkeypatch.setattr(io_mod.os, "replace", replace)
-    monkeypatch.setattr(crm, "save_checkpoint", save)
+    monkeypatch.setattr(phase, "save_checkpoint", save)
     args = _crm_args(tmp_path, "full", "crm_train.epochs=3")
     assert main(args) == 2
     line = _one_error_line(capsys.readouterr().err)
@@ -290,7 +289,7 @@ def test_disk_full_during_training_is_one_line_exit_2_and_nothing_half_written(t
     _, state = load_checkpoint(run / "crm", "last")
     assert state["epoch"] == 1
     monkeypatch.setattr(io_mod.os, "replace", real_replace)
-    monkeypatch.setattr(crm, "save_checkpoint", real_save)
+    monkeypatch.setattr(phase, "save_checkpoint", real_save)
     assert main(args + ["--resume", str(run)]) == 0
     assert main(_crm_args(tmp_path, "straight", "crm_train.epochs=3")) == 0
     got, want = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("full", "straight"))
@@ -474,7 +473,8 @@ def test_llm_killed_mid_epoch_resumes_to_the_uninterrupted_record(tmp_path, tiny
     """E4SRec stopped right after its mid-epoch checkpoint (batch 50 of about 100) and resumed: the epoch's logged
     loss covers the whole epoch, and loss and validation metrics equal those of a run that was never stopped."""
     from llmd4rec.models.sasrec import SASRec
-    from llmd4rec.training import llm
+    from llmd4rec.recipes import train_llm
+    from llmd4rec.training import phase
 
     data = ["data.synthetic_users=60", "data.synthetic_items=40", "crm.hidden=16", "crm.max_len=10"]
     torch.manual_seed(0)
@@ -483,23 +483,23 @@ def test_llm_killed_mid_epoch_resumes_to_the_uninterrupted_record(tmp_path, tiny
     overrides = data + [f"llm.backbone={tiny_backbone_dir}", "llm.keep_layers=null", "llm.max_len=10",
                         "llm_train.epochs=1", "llm_train.batch_size=2", "llm_train.max_targets_per_user=4",
                         f"crm_run={tmp_path / 'crm-run'}", f"run_dir={tmp_path}", "device=cpu"]
-    whole = llm.run(load_config(None, overrides + ["run_name=whole"]))
+    whole = train_llm.run(load_config(None, overrides + ["run_name=whole"]))
 
-    real_save = llm.save_checkpoint
+    real_save = phase.save_checkpoint
 
     def killed_after_mid_epoch_save(folder, tag, *args, **kwargs):
         real_save(folder, tag, *args, **kwargs)
         if tag == "last" and args[2]["step"] == 50:
             raise KeyboardInterrupt
 
-    llm.save_checkpoint = killed_after_mid_epoch_save
+    phase.save_checkpoint = killed_after_mid_epoch_save
     try:
         with pytest.raises(KeyboardInterrupt):
-            llm.run(load_config(None, overrides + ["run_name=stopped"]))
+            train_llm.run(load_config(None, overrides + ["run_name=stopped"]))
     finally:
-        llm.save_checkpoint = real_save
+        phase.save_checkpoint = real_save
     stopped = tmp_path / "stopped"
-    llm.run(load_config(stopped / "config.yaml", []), resume=str(stopped))
+    train_llm.run(load_config(stopped / "config.yaml", []), resume=str(stopped))
 
     def record(run):
         lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

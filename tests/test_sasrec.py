@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from llmd4rec.config import SASRecConfig, load_config
-from llmd4rec.data import all_positions, leave_one_out, load_dataset
+from llmd4rec.data import leave_one_out, load_dataset
 from llmd4rec.io import load_tensors, save_tensors
 from llmd4rec.models.sasrec import SASRec
 from llmd4rec.training.crm import fit_crm, rec_loss, trim_padding
-from llmd4rec.training import crm
+from llmd4rec.recipes import train_crm
 
 
 def _model(n_items=30, **kw):
@@ -94,14 +94,14 @@ def _synthetic_cfg(tmp_path, name, epochs):
 
 
 def test_resume_after_stop_matches_uninterrupted_run(tmp_path):
-    full = crm.run(_synthetic_cfg(tmp_path, "full", 4))
-    stopped = crm.run(_synthetic_cfg(tmp_path, "stopped", 2))
+    full = train_crm.run(_synthetic_cfg(tmp_path, "full", 4))
+    stopped = train_crm.run(_synthetic_cfg(tmp_path, "stopped", 2))
     # the same folder continues with the full epoch budget
     cfg = _synthetic_cfg(tmp_path, "stopped", 4)
     from llmd4rec.config import save_config
 
     save_config(cfg, stopped / "config.yaml")
-    resumed = crm.run(cfg, resume=str(stopped))
+    resumed = train_crm.run(cfg, resume=str(stopped))
     a = json.loads((full / "results.json").read_text())
     b = json.loads((resumed / "results.json").read_text())
     assert a["test"] == b["test"] and a["valid"] == b["valid"]

@@ -18,14 +18,14 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-import llmd4rec.pretrained  # noqa: E402
+import llmd4rec.loading  # noqa: E402
 from llmd4rec import cli  # noqa: E402
 from llmd4rec.config import Config, E4SRecConfig, load_config  # noqa: E402
 from llmd4rec.data.dataset import pad_left  # noqa: E402
 from llmd4rec.errors import InputError  # noqa: E402
 from llmd4rec.export import export_bundle, write_bundle  # noqa: E402
 from llmd4rec.models.sasrec import SASRec  # noqa: E402
-from llmd4rec.pretrained import load_run  # noqa: E402
+from llmd4rec.loading import load_run  # noqa: E402
 from llmd4rec.serve import create_app, load_bundle, recommend_cli  # noqa: E402
 
 N_ITEMS, MAX_LEN = 60, 12
@@ -34,13 +34,13 @@ N_ITEMS, MAX_LEN = 60, 12
 @pytest.fixture(scope="session")
 def run(tmp_path_factory):
     """A tiny SASRec trained for one epoch on the synthetic data (about a second), loaded back as a run."""
-    from llmd4rec.training import crm
+    from llmd4rec.recipes import train_crm
 
     root = tmp_path_factory.mktemp("serve")
     cfg = load_config(None, ["data.name=synthetic", "data.synthetic_users=200", f"data.synthetic_items={N_ITEMS}",
                              "crm_train.epochs=1", "crm.hidden=16", f"crm.max_len={MAX_LEN}", f"data.max_len={MAX_LEN}",
                              "device=cpu", f"run_dir={root}", "run_name=sasrec"])
-    return load_run(crm.run(cfg))
+    return load_run(train_crm.run(cfg))
 
 
 @pytest.fixture(scope="session")
@@ -325,7 +325,7 @@ def test_export_refusals(run, bundle, tmp_path, capsys):
 
 def fake_distilled_run(monkeypatch, run, cfg, llm=None):
     """load_run of a "llmd4rec" run gives its CRM, or its LLM with which="llm"."""
-    monkeypatch.setattr(llmd4rec.pretrained, "load_run", lambda *a, which=None, **kw: llmd4rec.pretrained.LoadedRun(
+    monkeypatch.setattr(llmd4rec.loading, "load_run", lambda *a, which=None, **kw: llmd4rec.loading.LoadedRun(
         run.run_dir, "llmd4rec", cfg, run.dataset, run.split, llm if which == "llm" else run.model))
 
 

@@ -58,7 +58,7 @@ _EVAL_OVERRIDES = ("eval.", "data.data_dir=", "device=")  # what may change when
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .config import load_config
     from .evaluation import evaluate_split
-    from .pretrained import load_data, load_run
+    from .loading import load_data, load_run
     from .runs import format_table
 
     if args.run_dir and "=" in args.run_dir and not Path(args.run_dir).exists():  # an override, not a folder
@@ -103,21 +103,21 @@ def _run_folder(path: Path) -> None:
 
 
 def cmd_train_crm(args: argparse.Namespace) -> None:
-    from .training import crm
+    from .recipes import train_crm
 
-    _run_folder(crm.run(_config(args), args.resume))
+    _run_folder(train_crm.run(_config(args), args.resume))
 
 
 def cmd_train_llm(args: argparse.Namespace) -> None:
-    from .training import llm
+    from .recipes import train_llm
 
-    _run_folder(llm.run(_config(args), args.resume))
+    _run_folder(train_llm.run(_config(args), args.resume))
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from .distill import loop
+    from .recipes import distill
 
-    _run_folder(loop.run(_config(args), args.resume))
+    _run_folder(distill.run(_config(args), args.resume))
 
 
 def cmd_plot(args: argparse.Namespace) -> None:

@@ -36,7 +36,7 @@ KINDS = ("crm", "llm")
 
 def export_bundle(run_dir: Path, out_dir: Path, model: str | None = None, data_dir: str | None = None) -> Path:
     """`llmd4rec export`: the run's model as a bundle; a distillation run exports its CRM (default) or its LLM."""
-    from .pretrained import RUN_MODEL, load_run
+    from .loading import RUN_MODEL, load_run
 
     if model not in (None, *KINDS):
         raise InputError(f"--model must be crm or llm, got '{model}'")

@@ -41,28 +41,21 @@ class Bundle:
 def _load_model(path: Path, info: dict[str, Any]):
     """SASRec needs only torch; the LLM path imports transformers, and only when the bundle is an LLM one."""
     from .config import load_config
+    from .loading import build_llm, crm_from_weights
 
     cfg = load_config(path / "config.yaml")
     weights = load_tensors(path / "model.safetensors", expected_sha256=info["files"]["model.safetensors"])
     check_finite(weights, path / "model.safetensors")
     if info["kind"] == "crm":
-        from .models.sasrec import SASRec
-
-        model = SASRec(info["n_items"], cfg.crm)
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as e:
-            raise InputError(f"weights do not match the SASRec config ({str(e).splitlines()[0]})",
-                             path / "model.safetensors") from None
+        model = crm_from_weights(cfg, info["n_items"], weights, path / "model.safetensors")
     else:
         from .models.backbone import load_backbone
-        from .models.e4srec import E4SRec
 
         ref = info["backbone"]
         backbone, tokenizer = load_backbone(ref["name"], ref["keep_layers"], ref["dtype"], cfg.llm.attention)
         if "item_table" not in weights:
             raise InputError("LLM bundle weights lack the item table", path / "model.safetensors")
-        model = E4SRec(cfg.llm, weights.pop("item_table"), backbone, tokenizer, weights.pop("text_table", None))
+        model = build_llm(cfg, weights.pop("item_table"), "cpu", weights.pop("text_table", None), backbone, tokenizer)
         model.load_trainable_state_dict(weights)
     if model.n_items != info["n_items"] or model.max_len != info["max_len"]:
         raise InputError("model does not match bundle.json (n_items or max_len)", path)

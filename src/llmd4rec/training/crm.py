@@ -1,10 +1,10 @@
-"""Recipe: train SASRec on the all-positions view (one row per user, a loss at every position)."""
+"""Training SASRec on the all-positions view (one row per user, a loss at every position): its losses and its
+epoch step, run by the phase runner."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,15 +18,8 @@ from ..evaluation import evaluate_split, metric_key
 from ..models.bf16 import bf16_cross_entropy, bf16_scores
 from ..models.chunked import chunked_cross_entropy
 from ..models.sasrec import SASRec
-from ..plots import plot_run
-from ..pretrained import load_data
-from ..text_embeddings import init_item_table_from_text
-from ..runs import format_table, log_metrics, make_run_dir, seed_everything, truncate_metrics, write_results
-from .checkpoint import has_checkpoint, load_checkpoint, load_weights, save_checkpoint
-
-KDHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""kd(users [V], cols [V], logits [V, N+1], targets [V]) -> scalar loss added to the recommendation loss; users and
-cols address the untrimmed all-positions grid, the same cells a teacher cache is keyed by."""
+from .checkpoint import load_weights, optimizer_tensors
+from .phase import KDHook, PhaseState, check_loss, run_phase
 
 
 def trim_padding(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,12 +81,6 @@ def score_logits(h: torch.Tensor, w: torch.Tensor, bf16: bool) -> torch.Tensor:
     return logits
 
 
-def validation_context(phase: str, epoch: int, folder: Path) -> str:
-    """Where a validation stands, for the one-line error of a model whose scores are not finite."""
-    return (f"in phase '{phase}', epoch {epoch} (validation): the model diverged, lower the learning rate; "
-            f"the last good checkpoint is kept in {folder}")
-
-
 class _Hidden(nn.Module):
     """SASRec.hidden as a module call, so DistributedDataParallel's forward hooks run."""
 
@@ -105,52 +92,42 @@ class _Hidden(nn.Module):
         return self.model.hidden(histories)
 
 
-def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str = "crm",
-            train_cfg: TrainConfig | None = None, kd: KDHook | None = None, resume: bool = False,
-            keep_start: bool = False) -> dict:
-    """Train with early stopping on validation NDCG@10; leaves the best weights in `model`; returns its metrics.
 
-    keep_start: the starting weights compete too (a distillation phase never ends worse than it began).
+class CRMTrainer:
+    """SASRec's epoch: shuffled users, the recommendation loss (plus a KD term) at every valid position.
 
     Under torch.distributed every rank draws the same batches and takes its own block of each (`distributed.shard`),
     DistributedDataParallel averages the gradients, and the loss is scaled so that the average is the gradient of
-    the whole batch's mean loss: the same step as one process, up to float rounding. Only rank 0 writes.
+    the whole batch's mean loss: the same step as one process, up to float rounding.
     """
-    tc = train_cfg or cfg.crm_train
-    device = next(model.parameters()).device
-    folder = run_dir / phase
-    world, main = distributed.world_size(), distributed.is_main()
-    inputs, targets = all_positions(split.train, model.max_len)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    gen = torch.Generator().manual_seed(tc.seed)
-    start, best, bad, best_epoch, best_valid = 1, -1.0, 0, 0, None
-    if resume and has_checkpoint(folder, "last"):
-        weights, state = load_checkpoint(folder, "last", opt, {"train": gen})
-        model.load_state_dict(weights)
-        start, best, bad, best_epoch = state["epoch"] + 1, state["best"], state["bad"], state["best_epoch"]
-        best_valid = state.get("best_valid")
-        if main:
-            truncate_metrics(run_dir, phase, state["epoch"])
-        if state["bad"] >= tc.patience:  # stopped early (a resume may have raised the patience)
-            start = tc.epochs + 1
-    elif keep_start:
-        model.eval()
-        valid_m = evaluate_split(model, split, cfg.eval, "valid", device, validation_context(phase, 0, folder))
-        best, best_valid = valid_m[metric_key(cfg.eval)], valid_m
-        if main:
-            save_checkpoint(folder, "best", model.state_dict(), state={"epoch": 0, "valid": valid_m})
-            log_metrics(run_dir, {"phase": phase, "epoch": 0, "valid": valid_m})
-    hidden = model.hidden
-    if world > 1:
-        distributed.offset_rng()
-        hidden = distributed.ddp(_Hidden(model))
-    for epoch in range(start, tc.epochs + 1):
+
+    def __init__(self, model: SASRec, split: Split, cfg: Config, tc: TrainConfig, phase: str, folder: Path,
+                 kd: KDHook | None):
+        self.model, self.split, self.cfg, self.tc, self.kd = model, split, cfg, tc, kd
+        self.phase, self.folder = phase, folder
+        self.device = next(model.parameters()).device
+        self.inputs, self.targets = all_positions(split.train, model.max_len)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.gen = torch.Generator().manual_seed(tc.seed)
+        self.hidden = model.hidden
+
+    def restore(self, weights: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(weights)
+
+    def start(self, state: PhaseState) -> None:
+        if distributed.world_size() > 1:
+            distributed.offset_rng()
+            self.hidden = distributed.ddp(_Hidden(self.model))
+
+    def train_epoch(self, epoch: int, state: PhaseState, save_last) -> dict:
+        model, tc, kd, targets = self.model, self.tc, self.kd, self.targets
+        world = distributed.world_size()
         model.train()
         t0 = time.perf_counter()
-        perm = torch.randperm(len(inputs), generator=gen)
+        perm = torch.randperm(len(self.inputs), generator=self.gen)
         total, n_pos = 0.0, 0
-        bar = tqdm(range(0, len(perm), tc.batch_size), desc=f"{phase} epoch {epoch}", leave=False, mininterval=2,
-                   disable=None if main else True)
+        bar = tqdm(range(0, len(perm), tc.batch_size), desc=f"{self.phase} epoch {epoch}", leave=False,
+                   mininterval=2, disable=None if distributed.is_main() else True)
         for s in bar:
             rows = perm[s:s + tc.batch_size]
             shard = None
@@ -159,22 +136,20 @@ def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str 
                 lo, hi = distributed.shard(counts)
                 shard = (int(counts[:lo].sum()), int(counts.sum()))
                 rows = rows[lo:hi]
-            x, y = trim_padding(inputs[rows], targets[rows])
-            x, y = x.to(device), y.to(device)
+            x, y = trim_padding(self.inputs[rows], targets[rows])
+            x, y = x.to(self.device), y.to(self.device)
             valid = y > 0
             n_valid = int(valid.sum())
-            h = hidden(x)[valid]
-            loss, logits = rec_loss(model, h, y[valid], tc, gen, shard, want_logits=kd is not None)
+            h = self.hidden(x)[valid]
+            loss, logits = rec_loss(model, h, y[valid], tc, self.gen, shard, want_logits=kd is not None)
             if kd is not None and n_valid:
                 if logits is None:
                     logits = score_logits(h, model.output_weight, tc.precision == "bfloat16")
                 r, c = (targets[rows] > 0).nonzero(as_tuple=True)  # same row-major order as `valid`
                 kd_loss = kd(rows[r], c, logits, y[valid])  # a mean over this rank's positions
                 loss = loss + (kd_loss * (n_valid / shard[1]) if shard else kd_loss)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss in phase '{phase}', epoch {epoch}, step {s // tc.batch_size}; "
-                                         f"the last good checkpoint is kept in {folder}")
-            opt.zero_grad(set_to_none=True)
+            check_loss(loss, self.phase, epoch, s // tc.batch_size, self.folder)
+            self.optimizer.zero_grad(set_to_none=True)
             if shard:  # DDP averages gradients over ranks, while each rank's part of the batch mean counts in full
                 scaled = loss * world
                 if n_valid == 0:
@@ -184,64 +159,37 @@ def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str 
                 loss.backward()
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
+            self.optimizer.step()
             total += loss.item() * (shard[1] if shard else n_valid)
             n_pos += n_valid
             bar.set_postfix(loss=f"{loss.item():.4f}", items_s=f"{n_pos / (time.perf_counter() - t0):.0f}")
         if world > 1:
             total, n_pos = distributed.all_sum(torch.tensor([total, n_pos], dtype=torch.float64)).tolist()
-        seconds = time.perf_counter() - t0
-        record = {"phase": phase, "epoch": epoch, "loss": total / max(n_pos, 1), "epoch_seconds": seconds}
-        if epoch % tc.eval_every == 0 or epoch == tc.epochs:
-            model.eval()
-            valid_m = evaluate_split(model, split, cfg.eval, "valid", device, validation_context(phase, epoch, folder))
-            record["valid"] = valid_m
-            if valid_m[metric_key(cfg.eval)] > best:
-                best, bad, best_epoch, best_valid = valid_m[metric_key(cfg.eval)], 0, epoch, valid_m
-                if main:
-                    save_checkpoint(folder, "best", model.state_dict(), state={"epoch": epoch, "valid": valid_m})
-            else:
-                bad += 1
-        stop = bad >= tc.patience
-        if main:
-            log_metrics(run_dir, record)
-            save_checkpoint(folder, "last", model.state_dict(), opt,
-                            {"epoch": epoch, "best": best, "bad": bad, "best_epoch": best_epoch, "stopped": stop,
-                             "best_valid": best_valid},
-                            {"train": gen})
-            print(f"{phase} epoch {epoch}: loss {record['loss']:.4f}, {seconds:.1f}s"
-                  + (f", valid NDCG@10 {record['valid'][metric_key(cfg.eval)]:.4f}" if "valid" in record else ""), flush=True)
-        if stop:
-            break
-    distributed.barrier()  # rank 0's last checkpoint is on disk before anyone reads it
-    model.load_state_dict(load_weights(folder, "best"))
-    model.eval()
-    return {"valid": best_valid or evaluate_split(model, split, cfg.eval, "valid", device),
-            "test": evaluate_split(model, split, cfg.eval, "test", device), "best_epoch": best_epoch}
+        return {"loss": total / max(n_pos, 1), "epoch_seconds": time.perf_counter() - t0}
+
+    def evaluate(self, which: str, where: str | None = None) -> dict:
+        self.model.eval()
+        return evaluate_split(self.model, self.split, self.cfg.eval, which, self.device, where)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def optimizer_state(self) -> tuple:
+        return optimizer_tensors(self.optimizer)
+
+    def load_best(self, folder: Path) -> None:
+        self.model.load_state_dict(load_weights(folder, "best"))
+        self.model.eval()
 
 
-def run(cfg: Config, resume: str | None = None) -> Path:
-    """`llmd4rec train-crm`: data -> split -> SASRec -> early-stopped training -> test metrics of the best epoch."""
-    distributed.refuse_sharding("train-crm", crm_train=cfg.crm_train)
-    with distributed.session(cfg.device) as device:
-        with distributed.main_first():  # one download, the others read the files; bad data makes no run folder
-            dataset, split = load_data(cfg)
-        run_dir = distributed.on_main(lambda: make_run_dir(cfg, "sasrec", resume))
-        seed_everything(cfg.seed)
-        model = SASRec(dataset.n_items, cfg.crm).to(device)
-        if cfg.crm.text_init and resume is None:
-            init_item_table_from_text(model, cfg, dataset)
-        t0 = time.perf_counter()
-        metrics = fit_crm(model, split, cfg, run_dir, resume=resume is not None)
-        if distributed.is_main():
-            results = {"model": "SASRec", "dataset": dataset.name, "exclude_seen": cfg.eval.exclude_seen,
-                       "eval_mode": cfg.eval.mode, "train_seconds": time.perf_counter() - t0, **metrics}
-            write_results(run_dir, results, format_table({"SASRec": metrics["test"]}, _table_keys(cfg)))
-            plot_run(run_dir)
-            print(format_table({"SASRec": metrics["test"]}, _table_keys(cfg)), flush=True)
-        distributed.barrier()
-    return run_dir
+def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str = "crm",
+            train_cfg: TrainConfig | None = None, kd: KDHook | None = None, resume: bool = False,
+            keep_start: bool = False) -> dict:
+    """Train with early stopping on validation; leaves the best weights in `model`; returns its metrics.
 
-
-def _table_keys(cfg: Config) -> list[str]:
-    return [metric_key(cfg.eval, f"{m}@{k}") for m in ("HR", "NDCG") for k in cfg.eval.ks]
+    keep_start: the starting weights compete too (an update never ends worse than it began).
+    """
+    tc = train_cfg or cfg.crm_train
+    trainer = CRMTrainer(model, split, cfg, tc, phase, run_dir / phase, kd)
+    return run_phase(trainer, run_dir, phase, metric_key(cfg.eval), tc.epochs, tc.patience, tc.eval_every,
+                     resume, keep_start)

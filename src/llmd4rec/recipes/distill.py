@@ -1,4 +1,4 @@
-"""Recipe: LLMD4Rec, alternating rounds of downward (SASRec teaches E4SRec) and upward (E4SRec teaches SASRec)
+"""Recipe `llmd4rec distill`: LLMD4Rec, alternating rounds of downward (SASRec teaches E4SRec) and upward (E4SRec teaches SASRec)
 distillation, each phase reading its frozen teacher from an on-disk cache (docs/method.md, "Schedule", "Teacher cache").
 
 Run folder: `crm0/`, `llm0/` (baselines, unless reused from crm_run / llm_run), then per round t
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
@@ -22,81 +21,30 @@ from ..config import Config
 from ..data.dataset import Split
 from ..errors import InputError
 from ..evaluation import evaluate_split, metric_key
-from ..io import atomic_write_json, load_tensors, read_json, save_tensors
+from ..io import load_tensors, save_tensors
 from ..models.sasrec import SASRec
-from ..pretrained import check_reused_runs, load_crm, load_data
+from ..distill.report import plot_rounds, result_rows, results_table
+from ..distill.teacher import LogProbEnsemble, build_cache, kd_hook, sample_index
+from ..loading import (build_llm, check_reused_runs, distilled_crm, distilled_table, distilled_weights, load_crm,
+                       load_data, load_llm, llm_text_table)
 from ..runs import log_metrics, make_run_dir, seed_everything, truncate_metrics, write_results
 from ..text_embeddings import init_item_table_from_text, item_text_embeddings
-from ..training.checkpoint import has_checkpoint
 from ..training.crm import fit_crm
-from ..training.llm import build_llm, fit_llm, load_llm, sample_grid
-from .report import plot_rounds, result_rows, results_table
-from .teacher import LogProbEnsemble, build_cache, kd_hook, sample_index
-
-
-def _phase_done(folder: Path) -> dict | None:
-    """done.json is written atomically after a phase's last file, so its presence alone means finished."""
-    if not (folder / "done.json").exists():
-        return None
-    try:
-        done = read_json(folder / "done.json")
-    except InputError as e:
-        print(f"warning: {e}; the phase counts as finished", file=sys.stderr, flush=True)
-        done = None
-    return done if isinstance(done, dict) and done else {"phase": folder.name}
-
-
-def _rng_file(folder: Path) -> Path:
-    world = distributed.world_size()
-    return folder / ("rng.safetensors" if world == 1 else f"rng.rank{distributed.rank()}-of-{world}.safetensors")
-
-
-def _finish_phase(folder: Path, metrics: dict) -> None:
-    """Mark a phase finished, with its deployed model's valid/test metrics (and, for a distillation phase, its
-    start's, its best distilled epoch's and which of the two it kept) and the RNG state it ended with: a resume that
-    skips it restores that state, so the phases after it draw the same dropout masks as in an uninterrupted run.
-    Every rank keeps its own RNG state; done.json (rank 0) goes last, once every rank's state is on disk."""
-    save_tensors(_rng_file(folder), {"rng.torch": torch.get_rng_state()})
-    distributed.barrier()
-    if distributed.is_main():
-        atomic_write_json(folder / "done.json", {"phase": folder.name, **metrics})
-
-
-def _skip_phase(folder: Path, done: dict, model, split: Split, cfg: Config, device) -> dict:
-    """The RNG side of skipping a finished phase (its weights are loaded by the caller), and its metrics."""
-    rng = _rng_file(folder)
-    if rng.exists():
-        try:
-            torch.set_rng_state(load_tensors(rng)["rng.torch"])
-        except (InputError, KeyError, RuntimeError) as e:
-            print(f"warning: {e}; later phases will not repeat the uninterrupted run's random draws",
-                  file=sys.stderr, flush=True)
-    if "valid" in done and "test" in done:
-        return {k: v for k, v in done.items() if k != "phase"}
-    return _evaluate(model, split, cfg, device)  # a phase finished by an older version kept no metrics
-
-
-def _start_phase(run_dir: Path, phase: str, resume: bool) -> None:
-    """A resumed phase without a checkpoint starts over: drop the lines its interrupted attempt logged."""
-    if resume and distributed.is_main() and not has_checkpoint(run_dir / phase, "last"):
-        truncate_metrics(run_dir, phase, -1)
+from ..training.llm import fit_llm, sample_grid
+from ..training.phase import finish_phase, phase_done, phase_metrics, skip_phase, start_phase
 
 
 def _evaluate(model, split: Split, cfg: Config, device) -> dict:
     return {w: evaluate_split(model, split, cfg.eval, w, device) for w in ("valid", "test")}
 
 
-def _metrics(fitted: dict) -> dict:
-    return {"valid": fitted["valid"], "test": fitted["test"]}
-
-
 def _settle(start: dict, fitted: dict, keep_start: bool, key: str) -> dict:
     """A distillation phase's outcome: its best distilled epoch, and whether the start is deployed instead (only
     with distill.keep_start, when the distilled model validates no better than the start)."""
-    distilled = {**_metrics(fitted), "best_epoch": fitted.get("best_epoch")}
+    distilled = {**phase_metrics(fitted), "best_epoch": fitted.get("best_epoch")}
     kept = keep_start and distilled["valid"][key] <= start["valid"][key]
     final = start if kept else distilled
-    return {"valid": final["valid"], "test": final["test"], "start": _metrics(start), "distilled": distilled,
+    return {"valid": final["valid"], "test": final["test"], "start": phase_metrics(start), "distilled": distilled,
             "kept_start": kept}
 
 
@@ -139,15 +87,15 @@ def run(cfg: Config, resume: str | None = None) -> Path:
         if cfg.crm_run:
             crm = load_crm(Path(cfg.crm_run), n, cfg, device=device)
             crm_m = _evaluate(crm, split, cfg, device)
-        elif done := _phase_done(run_dir / "crm0"):
+        elif done := phase_done(run_dir / "crm0"):
             crm = load_crm(run_dir, n, cfg, phase="crm0", device=device)
-            crm_m = _skip_phase(run_dir / "crm0", done, crm, split, cfg, device)
+            crm_m = skip_phase(run_dir / "crm0", done, lambda: _evaluate(crm, split, cfg, device))
         else:
-            _start_phase(run_dir, "crm0", resume is not None)
+            start_phase(run_dir, "crm0", resume is not None)
             if cfg.crm.text_init:
                 init_item_table_from_text(crm, cfg, dataset)
-            crm_m = _metrics(fit_crm(crm, split, cfg, run_dir, phase="crm0", resume=resume is not None))
-            _finish_phase(run_dir / "crm0", crm_m)
+            crm_m = phase_metrics(fit_crm(crm, split, cfg, run_dir, phase="crm0", resume=resume is not None))
+            finish_phase(run_dir / "crm0", crm_m)
 
         # 2. the LLM baseline (E4SRec), its ID table copied from the CRM
         if cfg.llm_run:
@@ -161,14 +109,14 @@ def run(cfg: Config, resume: str | None = None) -> Path:
             if main() and cfg.llm.item_text and not text_path.exists():
                 save_tensors(text_path, {"text_table": item_text_embeddings(cfg, dataset).cpu()})
             distributed.barrier()
-            llm = build_llm(cfg, load_tensors(table_path)["item_table"], device, _text_table(run_dir, cfg))
-            if done := _phase_done(run_dir / "llm0"):
+            llm = build_llm(cfg, load_tensors(table_path)["item_table"], device, llm_text_table(run_dir, cfg))
+            if done := phase_done(run_dir / "llm0"):
                 llm = load_llm(run_dir, n, cfg, device=device, phase="llm0")
-                llm_m = _skip_phase(run_dir / "llm0", done, llm, split, cfg, device)
+                llm_m = skip_phase(run_dir / "llm0", done, lambda: _evaluate(llm, split, cfg, device))
             else:
-                _start_phase(run_dir, "llm0", resume is not None)
-                llm_m = _metrics(fit_llm(llm, split, cfg, run_dir, phase="llm0", resume=resume is not None))
-                _finish_phase(run_dir / "llm0", llm_m)
+                start_phase(run_dir, "llm0", resume is not None)
+                llm_m = phase_metrics(fit_llm(llm, split, cfg, run_dir, phase="llm0", resume=resume is not None))
+                finish_phase(run_dir / "llm0", llm_m)
         history = [{"round": 0, "crm": crm_m, "llm": llm_m}]
         if main():
             if resume is not None:
@@ -184,10 +132,10 @@ def run(cfg: Config, resume: str | None = None) -> Path:
             if d.direction in ("both", "downward"):
                 phase = f"round{t}-down"
                 folder = run_dir / phase
-                if done := _phase_done(folder):
-                    llm.load_trainable_state_dict(load_tensors(_weights_file(folder)))
-                    llm.set_item_embeddings(load_tensors(_table_file(folder))["item_table"])
-                    llm_m = _skip_phase(folder, done, llm, split, cfg, device)
+                if done := phase_done(folder):
+                    llm.load_trainable_state_dict(load_tensors(distilled_weights(folder)))
+                    llm.set_item_embeddings(load_tensors(distilled_table(folder))["item_table"])
+                    llm_m = skip_phase(folder, done, lambda: _evaluate(llm, split, cfg, device))
                 else:
                     start_state = {k: v.clone() for k, v in llm.trainable_state_dict().items()}
                     start_table = llm.item_table.clone()
@@ -200,7 +148,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
                                             d.cache_topk, device, 256)
                     kd = kd_hook(cache, sample_index(llm_grid[1]), d.gamma, d.t_squared, d.adaptive_weights, "llm")
                     tc = dataclasses.replace(cfg.llm_train, epochs=d.llm_epochs, patience=d.llm_epochs)
-                    _start_phase(run_dir, phase, resume is not None)
+                    start_phase(run_dir, phase, resume is not None)
                     fitted = fit_llm(llm, split, cfg, run_dir, phase=phase, train_cfg=tc, kd=kd,
                                      resume=resume is not None)
                     llm_m = _settle(llm_m, fitted, d.keep_start, metric_key(cfg.eval))
@@ -210,19 +158,19 @@ def run(cfg: Config, resume: str | None = None) -> Path:
                     if main():
                         save_tensors(folder / "final.safetensors", llm.trainable_state_dict())
                         save_tensors(folder / "final_item_table.safetensors", {"item_table": llm.item_table})
-                    _finish_phase(folder, llm_m)
+                    finish_phase(folder, llm_m)
                 record.update(llm_distilled=llm_m.get("distilled"), llm_kept_start=llm_m.get("kept_start"))
             if d.direction in ("both", "upward"):
                 phase = f"round{t}-up"
                 folder = run_dir / phase
-                if done := _phase_done(folder):
-                    crm = load_crm(run_dir, n, cfg, phase=phase, device=device, tag=_crm_tag(folder))
-                    crm_m = _skip_phase(folder, done, crm, split, cfg, device)
+                if done := phase_done(folder):
+                    crm = distilled_crm(run_dir, phase, n, cfg, device)
+                    crm_m = skip_phase(folder, done, lambda: _evaluate(crm, split, cfg, device))
                 else:
                     crm, crm_m = _upward(cfg, t, crm, crm_m, llm, split, dataset, run_dir, device, crm_grid,
                                          users_per_batch, resume is not None)
                 record.update(crm_distilled=crm_m.get("distilled"), crm_kept_start=crm_m.get("kept_start"))
-            history.append({**record, "crm": _metrics(crm_m), "llm": _metrics(llm_m)})
+            history.append({**record, "crm": phase_metrics(crm_m), "llm": phase_metrics(llm_m)})
             if main():
                 if resume is not None:
                     truncate_metrics(run_dir, "rounds", t - 1)
@@ -266,53 +214,11 @@ def _upward(cfg: Config, t: int, crm: SASRec, crm_m: dict, llm, split: Split, da
     else:
         student = copy.deepcopy(crm)
     tc = dataclasses.replace(cfg.crm_train, epochs=d.crm_epochs, lr=d.upward_lr or cfg.crm_train.lr)
-    _start_phase(run_dir, phase, resume)
+    start_phase(run_dir, phase, resume)
     fitted = fit_crm(student, split, cfg, run_dir, phase=phase, train_cfg=tc, kd=kd, resume=resume)
     outcome = _settle(crm_m, fitted, d.keep_start, metric_key(cfg.eval))
     final = start if outcome["kept_start"] else student
     if distributed.is_main():
         save_tensors(folder / "final.safetensors", final.state_dict())
-    _finish_phase(folder, outcome)
+    finish_phase(folder, outcome)
     return final, outcome
-
-
-def _weights_file(folder: Path) -> Path:
-    """A finished downward phase's deployed LLM weights (older runs kept only their best epoch)."""
-    return folder / "final.safetensors" if (folder / "final.safetensors").exists() else folder / "best.safetensors"
-
-
-def _table_file(folder: Path) -> Path:
-    final = folder / "final_item_table.safetensors"
-    return final if final.exists() else folder / "item_table.safetensors"
-
-
-def _text_table(run_dir: Path, cfg: Config) -> torch.Tensor | None:
-    """The LLM's text table (llm.item_text), stored with its baseline: this run's llm0, or the reused llm_run."""
-    if not cfg.llm.item_text:
-        return None
-    folder = Path(cfg.llm_run) / "llm" if cfg.llm_run else Path(run_dir) / "llm0"
-    return load_tensors(folder / "text_table.safetensors")["text_table"]
-
-
-def _crm_tag(folder: Path) -> str:
-    return "final" if (folder / "final.safetensors").exists() else "best"
-
-
-def load_distilled(run_dir: Path, n_items: int, cfg: Config, device: torch.device | str = "cpu",
-                   which: str = "crm"):
-    """The final model of one side: the last finished round's checkpoint, or the baseline if none ran."""
-    run_dir = Path(run_dir)
-    side = "up" if which == "crm" else "down"
-    for t in range(cfg.distill.rounds, 0, -1):
-        folder = run_dir / f"round{t}-{side}"
-        if (folder / "done.json").exists():
-            if which == "crm":
-                return load_crm(run_dir, n_items, cfg, phase=folder.name, device=device, tag=_crm_tag(folder))
-            model = build_llm(cfg, load_tensors(_table_file(folder))["item_table"], device, _text_table(run_dir, cfg))
-            model.load_trainable_state_dict(load_tensors(_weights_file(folder)))
-            return model.eval()
-    if which == "crm":
-        return load_crm(Path(cfg.crm_run) if cfg.crm_run else run_dir, n_items, cfg,
-                        phase="crm" if cfg.crm_run else "crm0", device=device)
-    return load_llm(Path(cfg.llm_run) if cfg.llm_run else run_dir, n_items, cfg, device=device,
-                    phase="llm" if cfg.llm_run else "llm0")

@@ -1,0 +1,43 @@
+"""Recipe `llmd4rec train-crm`: data -> split -> SASRec -> early-stopped training -> test metrics of the best epoch."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .. import distributed
+from ..config import Config
+from ..evaluation import metric_key
+from ..loading import load_data
+from ..models.sasrec import SASRec
+from ..plots import plot_run
+from ..runs import format_table, make_run_dir, seed_everything, write_results
+from ..text_embeddings import init_item_table_from_text
+from ..training.crm import fit_crm
+
+
+def run(cfg: Config, resume: str | None = None) -> Path:
+    distributed.refuse_sharding("train-crm", crm_train=cfg.crm_train)
+    with distributed.session(cfg.device) as device:
+        with distributed.main_first():  # one download, the others read the files; bad data makes no run folder
+            dataset, split = load_data(cfg)
+        run_dir = distributed.on_main(lambda: make_run_dir(cfg, "sasrec", resume))
+        seed_everything(cfg.seed)
+        model = SASRec(dataset.n_items, cfg.crm).to(device)
+        if cfg.crm.text_init and resume is None:
+            init_item_table_from_text(model, cfg, dataset)
+        t0 = time.perf_counter()
+        metrics = fit_crm(model, split, cfg, run_dir, resume=resume is not None)
+        if distributed.is_main():
+            results = {"model": "SASRec", "dataset": dataset.name, "exclude_seen": cfg.eval.exclude_seen,
+                       "eval_mode": cfg.eval.mode, "train_seconds": time.perf_counter() - t0, **metrics}
+            table = format_table({"SASRec": metrics["test"]}, _table_keys(cfg))
+            write_results(run_dir, results, table)
+            plot_run(run_dir)
+            print(table, flush=True)
+        distributed.barrier()
+    return run_dir
+
+
+def _table_keys(cfg: Config) -> list[str]:
+    return [metric_key(cfg.eval, f"{m}@{k}") for m in ("HR", "NDCG") for k in cfg.eval.ks]
