@@ -9,14 +9,18 @@ a single process runs exactly the code it always ran. The run folder must be on 
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import evaluation, launcher
+from .data.dataset import pad_left
 from .errors import InputError
 from .runs import pick_device
 
@@ -46,7 +50,7 @@ def session(device_name: str, shards: bool = False, group: bool = False) -> Iter
     destroyed on exit unless it existed before. Each process takes the GPU numbered by its LOCAL_RANK.
     shards: the recipe shards with FSDP or DeepSpeed ZeRO when asked; the others refuse such a launch.
     group: a process group even for a single process (DeepSpeed needs one)."""
-    _refuse_unsupported_accelerate_modes(shards)
+    launcher.refuse_unsupported_modes(shards)
     device = pick_device(device_name)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not group:
         yield device
@@ -74,47 +78,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("true", "1")
-
-
-def _env_false(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("false", "0")
-
-
-def _refuse_unsupported_accelerate_modes(shards: bool) -> None:
-    """`accelerate launch` passes its config as environment variables that only an Accelerator reads; a launch
-    asking for a mode a recipe does not implement would silently get plain DDP: refuse it instead."""
-    if _env_true("ACCELERATE_USE_DEEPSPEED"):
-        if not shards:
-            raise InputError("only train-llm shards with DeepSpeed (the LLM backbone is what outgrows one GPU): launch "
-                             "train-crm and distill with configs/accelerate/ddp_multi_gpu.yaml or torchrun")
-        if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
-            raise InputError("the LLM recipe writes the DeepSpeed config itself (from llm_train and llm.dtype): give "
-                             "deepspeed_config.zero_stage in the accelerate config instead of deepspeed_config_file")
-        for flag in ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"):
-            if os.environ.get(flag, "none").lower() != "none":
-                key = flag.removeprefix("ACCELERATE_DEEPSPEED_").lower()
-                raise InputError(f"{key} is not implemented by the LLM recipe: set {key}: none")
-        if _env_true("ACCELERATE_DEEPSPEED_ZERO3_INIT"):
-            raise InputError("zero3_init_flag is not implemented by the LLM recipe (each process loads the backbone, "
-                             "then DeepSpeed partitions it): set zero3_init_flag: false")
-    if _env_true("ACCELERATE_USE_FSDP"):
-        if not shards:
-            raise InputError("only train-llm shards with FSDP (the LLM backbone is what outgrows one GPU): launch "
-                             "train-crm and distill with configs/accelerate/ddp_multi_gpu.yaml or torchrun")
-        if os.environ.get("FSDP_VERSION", "2") != "2":
-            raise InputError("the LLM recipe shards with FSDP version 2 (torch's fully_shard): set fsdp_version: 2")
-        for flag, key in (("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params"),
-                          ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing")):
-            if _env_true(flag):
-                raise InputError(f"{key} is not implemented by the LLM recipe: set {key}: false")
-    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-    if precision != "no":
-        raise InputError(f"accelerate's mixed_precision={precision} is not applied by the recipes: set it to 'no' "
-                         "and choose the LLM's precision with llm.dtype")
 
 
 @contextmanager
@@ -155,6 +118,39 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     out = t.to(dev, copy=True)
     dist.all_reduce(out)
     return out.to(t.device)
+
+
+@torch.no_grad()
+def sharded_ranks(model, inputs: list[list[int]], targets: Sequence[int], n_items: int, exclude_seen: bool = True,
+                  memory_mb: int = 256, max_len: int | None = None, users_per_batch: int | None = None,
+                  items_per_chunk: int | None = None, device: torch.device | str = "cpu",
+                  require_finite: str | None = None) -> np.ndarray:
+    """`evaluation.compute_ranks` with its user batches dealt out to the ranks whole (batch b to rank b mod world)
+    and the ranks summed back, so every rank returns the ranks one process would: each batch is scored with exactly
+    the same rows, hence the same floating-point values."""
+    world = world_size()
+    if world == 1:
+        return evaluation.compute_ranks(model, inputs, targets, n_items, exclude_seen, memory_mb, max_len,
+                                        users_per_batch, items_per_chunk, device, require_finite)
+    if max_len is None:
+        max_len = getattr(model, "max_len", None)
+    batches, chunk = evaluation.plan_batches(model, inputs, n_items, memory_mb, max_len, users_per_batch,
+                                             items_per_chunk)
+    mine = batches[rank()::world]
+    if len(mine) < math.ceil(len(batches) / world):  # every rank runs the model equally often (FSDP records the
+        # order of forward calls and prefetches by it in the next backward): one extra encode, its result unused
+        model.encode(pad_left([inputs[u] for u in batches[0]], max_len).to(device))
+    ranks, bad = evaluation.rank_batches(model, inputs, targets, n_items, mine, chunk, exclude_seen, max_len, device,
+                                         progress=is_main())
+    both = all_sum(torch.from_numpy(np.stack([ranks, bad]))).numpy()
+    evaluation.check_finite(both[1], require_finite)
+    return both[0]
+
+
+def evaluate_split(model, split, cfg, which: str = "test", device: torch.device | str = "cpu",
+                   require_finite: str | None = None) -> dict[str, float]:
+    """`evaluation.evaluate_split` with full ranking shared out over the ranks (`sharded_ranks`)."""
+    return evaluation.evaluate_split(model, split, cfg, which, device, require_finite, ranker=sharded_ranks)
 
 
 def shard(counts: torch.Tensor) -> tuple[int, int]:
@@ -201,22 +197,21 @@ def refuse_sharding(recipe: str, **train_configs) -> None:
 
 def use_fsdp(requested: bool) -> bool:
     """FSDP when several processes run and either the config (llm_train.fsdp) or `accelerate launch` asks for it."""
-    return world_size() > 1 and (requested or _env_true("ACCELERATE_USE_FSDP"))
+    return world_size() > 1 and (requested or launcher.env_true("ACCELERATE_USE_FSDP"))
 
 
 def shard_model(model) -> None:
     """Shard E4SRec's decoder layers and then the rest (embeddings, W_in, W_out) over the ranks, in place.
 
-    A layer's full weights exist only while it runs forward or backward. The prompt goes inline into every packed
-    row, so that each layer runs once per step (the KV-cache pass would run it twice, and FSDP frees a layer's
-    weights after its first backward)."""
+    A layer's full weights exist only while it runs forward or backward, so the caller puts the prompt inline into
+    every packed row (model.inline_prompt): each layer then runs once per step (the KV-cache pass would run it
+    twice, and FSDP frees a layer's weights after its first backward)."""
     from torch.distributed.fsdp import fully_shard
 
-    reshard = not _env_false("FSDP_RESHARD_AFTER_FORWARD")  # false: ZeRO-2-like, weights kept until backward
+    reshard = not launcher.env_false("FSDP_RESHARD_AFTER_FORWARD")  # false: ZeRO-2-like, weights kept until backward
     for layer in model.decoder.layers:
         fully_shard(layer, reshard_after_forward=reshard)
     fully_shard(model, reshard_after_forward=reshard)
-    model.inline_prompt = True
 
 
 def _fsdp_units(model) -> list:
@@ -256,13 +251,27 @@ def like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements)
 
 
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """model.trainable_state_dict() as full tensors. Under FSDP every rank must call it (the shards are gathered);
+    under ZeRO-3 call it inside `zero3_gathered`."""
+    return {k: full_tensor(v) for k, v in model.trainable_state_dict().items()}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    """model.load_trainable_state_dict(state), each full tensor laid out like its parameter (sharded or not); a
+    tensor that does not fit its parameter goes through as it is, for the model to refuse."""
+    own = dict(model.named_parameters())
+    model.load_trainable_state_dict({k: like(v.to(own[k].device), own[k]) if k in own and v.shape == own[k].shape
+                                     else v for k, v in state.items()})
+
+
 # ---- DeepSpeed ZeRO (train-llm) ----
 
 def zero_stage(tc) -> int:
     """The ZeRO stage asked for by llm_train.zero_stage or by `accelerate launch` with a DeepSpeed config; 0: none.
     Accumulation and clipping come from the recipe: an accelerate config that says otherwise is refused."""
     stage = tc.zero_stage
-    if _env_true("ACCELERATE_USE_DEEPSPEED"):
+    if launcher.env_true("ACCELERATE_USE_DEEPSPEED"):
         stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", stage or 2))
         for var, key, value in (("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "grad_accum", tc.grad_accum),
                                 ("ACCELERATE_GRADIENT_CLIPPING", "grad_clip", tc.grad_clip)):
@@ -276,14 +285,15 @@ def zero_stage(tc) -> int:
 
 
 def zero_engine(model: torch.nn.Module, opt: torch.optim.Optimizer, stage: int, tc,
-                masters: dict[str, torch.Tensor] | None = None):
+                masters: dict[str, torch.Tensor] | None = None, external: Iterable[torch.nn.Parameter] = ()):
     """(DeepSpeed's engine around `model`, its state as `ZeroAdamState`), ZeRO partitioning `opt` (a torch AdamW).
 
     With a bfloat16 or float16 backbone DeepSpeed runs in that precision: it casts every parameter to it (ZeRO needs
     one dtype) and keeps float32 master weights and Adam moments of the trainable ones. The masters are set from
     `masters` (name -> tensor, e.g. a resumed checkpoint) or the trainable weights as they were before the cast,
     and Adam moments already in `opt` (a resumed run) go into ZeRO's partitions. The caller sets the accumulation
-    boundary for every micro-batch (its batches vary in size)."""
+    boundary for every micro-batch (its batches vary in size). external: parameters the model's forward reads
+    outside their own module's call, which ZeRO-3 must then gather for it."""
     try:
         import deepspeed
         from deepspeed.utils import logger
@@ -302,8 +312,8 @@ def zero_engine(model: torch.nn.Module, opt: torch.optim.Optimizer, stage: int, 
               "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16},
               "steps_per_print": 2 ** 31}
     engine, zopt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
-    if stage == 3 and tc.loss == "ce_chunked":  # E4SRec's forward then reads W_out itself, not through its call
-        for p in model.w_out.parameters():
+    if stage == 3:
+        for p in external:
             deepspeed.zero.register_external_parameter(model, p)
     for k, p in named:
         _set_zero_full(p, masters[k].to(p.device))

@@ -8,13 +8,12 @@ scores for internal item ids lo..hi-1 (id 0 is padding and never ranked), plus a
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import distributed
 from .data.dataset import pad_left
 
 
@@ -78,44 +77,35 @@ def _non_competitors(seen: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return ids.masked_fill(repeat, -1)
 
 
-@torch.no_grad()
-def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int], n_items: int,
-                  exclude_seen: bool = True, memory_mb: int = 256, max_len: int | None = None,
-                  users_per_batch: int | None = None, items_per_chunk: int | None = None,
-                  device: torch.device | str = "cpu", require_finite: str | None = None) -> np.ndarray:
-    """0-based rank of each target: the other rankable items scoring at least as high (ties count against it).
-
-    A constant scorer therefore gets no credit. Non-finite scores count against the target: a NaN item outranks
-    it, and a non-finite target score ranks last, so a diverged model scores zero, never perfectly. A history
-    item that is also the target (a repeat) stays rankable; the rest of the history is excluded when exclude_seen.
-    require_finite: when given (the phase and epoch of a validation), any non-finite score raises
-    FloatingPointError with that text instead.
-
-    Under torch.distributed the user batches are dealt out to the ranks whole (batch b to rank b mod world) and the
-    ranks summed back, so every rank returns the ranks one process would: each batch is scored with exactly the
-    same rows, hence the same floating-point values.
-    """
-    if max_len is None:
-        max_len = getattr(model, "max_len", None)
+def plan_batches(model: Scorer, inputs: list[list[int]], n_items: int, memory_mb: int = 256,
+                 max_len: int | None = None, users_per_batch: int | None = None,
+                 items_per_chunk: int | None = None) -> tuple[list[np.ndarray], int]:
+    """(user batches as index arrays, in scoring order; items per chunk) for `rank_batches`. Whoever scores a
+    batch of this plan scores exactly the rows one process would, hence the same floating-point values."""
     n = len(inputs)
     ub, ic = _plan(n_items, memory_mb, n)
     ub = users_per_batch or ub
     ic = items_per_chunk or ic
-    ranks = np.zeros(n, dtype=np.int64)
-    bad = np.zeros(n, dtype=np.int64)  # 1 for a user with a non-finite score among the rankable columns
-    world, me = distributed.world_size(), distributed.rank()
     order = np.arange(n)
     if getattr(model, "trims_padding", False):  # its cost follows the longest history of a batch: batch by length
         order = np.argsort([min(len(h), max_len or len(h)) for h in inputs], kind="stable")
+    return [order[start:start + ub] for start in range(0, n, ub)], ic
+
+
+@torch.no_grad()
+def rank_batches(model: Scorer, inputs: list[list[int]], targets: Sequence[int], n_items: int,
+                 batches: list[np.ndarray], items_per_chunk: int, exclude_seen: bool = True,
+                 max_len: int | None = None, device: torch.device | str = "cpu",
+                 progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(ranks, bad) over all len(inputs) users, filled in for the users of `batches` only (0 elsewhere, so shards
+    scored apart add up); bad is 1 for a user with a non-finite score among the rankable columns."""
+    n, ic = len(inputs), items_per_chunk
+    ranks = np.zeros(n, dtype=np.int64)
+    bad = np.zeros(n, dtype=np.int64)
     targets = list(targets)
-    starts = list(range(me * ub, n, world * ub))
-    rounds = math.ceil(math.ceil(n / ub) / world)
-    if world > 1 and len(starts) < rounds:  # every rank runs the model equally often (a sharded model needs it);
-        model.encode(pad_left([inputs[u] for u in order[:ub]], max_len).to(device))  # this extra result is unused
     # a bar on a terminal only (disable=None): a log file gets no carriage returns
-    for start in tqdm(starts, desc="ranking users", unit="batch", leave=False, mininterval=2,
-                      disable=None if distributed.is_main() else True):
-        users = order[start:start + ub]
+    for users in tqdm(batches, desc="ranking users", unit="batch", leave=False, mininterval=2,
+                      disable=None if progress else True):
         hist = [inputs[u] for u in users]
         tgt = torch.as_tensor([targets[u] for u in users], dtype=torch.long)
         state = model.encode(pad_left(hist, max_len).to(device))
@@ -147,11 +137,32 @@ def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int]
             count -= torch.count_nonzero(taken & inside, dim=1)
         ranks[users] = count.cpu().numpy()
         bad[users] = (nonfinite | ~torch.isfinite(tscore)).long().cpu().numpy()
-    if world > 1:
-        both = distributed.all_sum(torch.from_numpy(np.stack([ranks, bad]))).numpy()
-        ranks, bad = both[0], both[1]
+    return ranks, bad
+
+
+def check_finite(bad: np.ndarray, require_finite: str | None) -> None:
+    """With require_finite (where the evaluation stands), any user flagged in `bad` raises FloatingPointError."""
     if require_finite is not None and bad.any():
-        raise _diverged(int(bad.sum()), n, require_finite)
+        raise _diverged(int(bad.sum()), len(bad), require_finite)
+
+
+def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int], n_items: int,
+                  exclude_seen: bool = True, memory_mb: int = 256, max_len: int | None = None,
+                  users_per_batch: int | None = None, items_per_chunk: int | None = None,
+                  device: torch.device | str = "cpu", require_finite: str | None = None) -> np.ndarray:
+    """0-based rank of each target: the other rankable items scoring at least as high (ties count against it).
+
+    A constant scorer therefore gets no credit. Non-finite scores count against the target: a NaN item outranks
+    it, and a non-finite target score ranks last, so a diverged model scores zero, never perfectly. A history
+    item that is also the target (a repeat) stays rankable; the rest of the history is excluded when exclude_seen.
+    require_finite: when given (the phase and epoch of a validation), any non-finite score raises
+    FloatingPointError with that text instead.
+    """
+    if max_len is None:
+        max_len = getattr(model, "max_len", None)
+    batches, chunk = plan_batches(model, inputs, n_items, memory_mb, max_len, users_per_batch, items_per_chunk)
+    ranks, bad = rank_batches(model, inputs, targets, n_items, batches, chunk, exclude_seen, max_len, device)
+    check_finite(bad, require_finite)
     return ranks
 
 
@@ -192,10 +203,12 @@ def compute_sampled_ranks(model: Scorer, inputs: list[list[int]], targets: Seque
 def evaluate(model: Scorer, inputs: list[list[int]], targets: Sequence[int], n_items: int,
              ks: Sequence[int] = (5, 10, 20), exclude_seen: bool = True, mode: str = "full",
              n_negatives: int = 100, seed: int = 0, memory_mb: int = 256, max_len: int | None = None,
-             device: torch.device | str = "cpu", require_finite: str | None = None) -> dict[str, float]:
-    """Averaged over all users given. Sampled-mode keys carry a 'sampled_' prefix so they are never mistaken."""
+             device: torch.device | str = "cpu", require_finite: str | None = None,
+             ranker: Callable[..., np.ndarray] = compute_ranks) -> dict[str, float]:
+    """Averaged over all users given. Sampled-mode keys carry a 'sampled_' prefix so they are never mistaken.
+    ranker: full ranking with `compute_ranks`'s signature (a sharded caller passes one that shares the users out)."""
     if mode == "full":
-        ranks = compute_ranks(model, inputs, targets, n_items, exclude_seen=exclude_seen,
+        ranks = ranker(model, inputs, targets, n_items, exclude_seen=exclude_seen,
                               memory_mb=memory_mb, max_len=max_len, device=device, require_finite=require_finite)
         return metrics_from_ranks(ranks, ks)
     if mode == "sampled":
@@ -218,10 +231,11 @@ def split_cases(split, which: str) -> tuple[list[list[int]], list[int]]:
 
 
 def evaluate_split(model: Scorer, split, cfg, which: str = "test", device: torch.device | str = "cpu",
-                   require_finite: str | None = None) -> dict[str, float]:
+                   require_finite: str | None = None, ranker: Callable[..., np.ndarray] = compute_ranks
+                   ) -> dict[str, float]:
     """Evaluate on the split's 'valid' or 'test' cases with an EvalConfig. Training passes `require_finite`
     (where it stands: phase and epoch) so that a diverged model stops the run instead of being ranked."""
     inputs, targets = split_cases(split, which)
     return evaluate(model, inputs, targets, split.n_items, ks=cfg.ks, exclude_seen=cfg.exclude_seen,
                     mode=cfg.mode, n_negatives=cfg.n_negatives, seed=cfg.seed, memory_mb=cfg.memory_mb,
-                    device=device, require_finite=require_finite)
+                    device=device, require_finite=require_finite, ranker=ranker)

@@ -35,7 +35,7 @@ class E4SRec(nn.Module):
     """
 
     pack_tokens = 512  # all-prefix row length that users are packed into; attention cost grows with its square
-    inline_prompt = False  # set under FSDP and ZeRO-3: no separate prompt pass in training
+    inline_prompt = False  # the trainer sets it under FSDP and ZeRO-3: no separate prompt pass in training
     trims_padding = True  # encode drops all-padding columns: evaluation batches users of similar length together
 
     def __init__(self, cfg: E4SRecConfig, item_embeddings: torch.Tensor, backbone=None, tokenizer=None,
@@ -296,15 +296,10 @@ class E4SRec(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """LoRA + W_in + W_out (+ W_txt): all a checkpoint needs besides the backbone and the frozen item (and text)
-        tables, which a run stores once beside its checkpoints. Under FSDP every rank must call it (the shards are
-        gathered); under ZeRO-3 call it inside `distributed.zero3_gathered`."""
-        from ..distributed import full_tensor
-
-        return {k: full_tensor(v.detach()) for k, v in self.named_parameters() if v.requires_grad}
+        tables, which a run stores once beside its checkpoints."""
+        return {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from ..distributed import like
-
         own = dict(self.named_parameters())
         expected = {k for k, v in own.items() if v.requires_grad}
         if set(state) != expected:
@@ -315,4 +310,4 @@ class E4SRec(nn.Module):
                 if v.shape != own[k].shape:
                     raise InputError(f"checkpoint tensor {k} has shape {tuple(v.shape)}, "
                                      f"this E4SRec needs {tuple(own[k].shape)}")
-                own[k].copy_(like(v.to(own[k].device), own[k]))
+                own[k].copy_(v.to(own[k].device))

@@ -20,7 +20,8 @@ from .. import distributed
 from ..config import Config
 from ..data.dataset import Split
 from ..errors import InputError
-from ..evaluation import evaluate_split, metric_key
+from ..distributed import evaluate_split
+from ..evaluation import metric_key
 from ..io import load_tensors, save_tensors
 from ..models.sasrec import SASRec
 from ..distill.report import plot_rounds, result_rows, results_table

@@ -14,7 +14,8 @@ from tqdm import tqdm
 from .. import distributed
 from ..config import Config, TrainConfig
 from ..data.dataset import Split, all_positions
-from ..evaluation import evaluate_split, metric_key
+from ..distributed import evaluate_split
+from ..evaluation import metric_key
 from ..models.bf16 import bf16_cross_entropy, bf16_scores
 from ..models.chunked import chunked_cross_entropy
 from ..models.sasrec import SASRec

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from .. import distributed
 from ..config import Config, TrainConfig
 from ..data.dataset import Split, all_positions
+from ..distributed import evaluate_split
 from ..errors import InputError
-from ..evaluation import evaluate_split, metric_key
+from ..evaluation import metric_key
 from ..io import load_tensors
 from .checkpoint import optimizer_tensors
 from .phase import KDHook, PhaseState, check_loss, run_phase
@@ -91,8 +92,8 @@ class LLMTrainer:
         self.chunked = tc.loss == "ce_chunked" and kd is None  # distillation needs the full logits for its KL terms
         if self.fsdp:
             distributed.shard_model(model)  # before the optimizer: it must hold the sharded parameters
-        if self.zero == 3:
-            model.inline_prompt = True  # one pass per layer: each ZeRO-3 gather serves one forward and one backward
+        if self.fsdp or self.zero == 3:  # one pass per layer: FSDP frees a layer's weights after its first
+            model.inline_prompt = True  # backward, each ZeRO-3 gather serves one forward and one backward
         self.inputs, self.targets = sample_grid(split.train, model.max_len, tc.max_targets_per_user)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -101,14 +102,16 @@ class LLMTrainer:
         self.forward, self.resumed = model, None
 
     def restore(self, weights: dict[str, torch.Tensor]) -> None:
-        self.model.load_trainable_state_dict(weights)
+        distributed.load_trainable_state(self.model, weights)
         self.resumed = weights  # ZeRO's float32 master copies start from them
 
     def start(self, state: PhaseState) -> None:
         tc, world = self.tc, distributed.world_size()
         if self.zero:  # after the resume: ZeRO takes the loaded weights and Adam moments into its partitions
+            # the chunked loss reads W_out outside its module call: ZeRO-3 must gather it for the forward
+            external = list(self.model.w_out.parameters()) if self.chunked else []
             self.forward, self.opt_state = distributed.zero_engine(self.model, self.optimizer, self.zero, tc,
-                                                                   self.resumed)
+                                                                   self.resumed, external)
         elif world > 1 and not self.fsdp:  # FSDP's units are hooked into the model itself
             self.forward = distributed.ddp(self.model)
         if world > 1:
@@ -209,14 +212,14 @@ class LLMTrainer:
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Under ZeRO its float32 master weights."""
-        return self.opt_state.master_weights() if self.zero else self.model.trainable_state_dict()
+        return self.opt_state.master_weights() if self.zero else distributed.trainable_state(self.model)
 
     def optimizer_state(self) -> tuple:
         return optimizer_tensors(self.opt_state)
 
     def load_best(self, folder: Path) -> None:
         with distributed.zero3_gathered(self.model, modify=True):
-            self.model.load_trainable_state_dict(load_tensors(folder / "best.safetensors"))
+            distributed.load_trainable_state(self.model, load_tensors(folder / "best.safetensors"))
         self.model.eval()
 
 
