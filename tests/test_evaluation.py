@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmd4rec.evaluation import compute_ranks, compute_sampled_ranks, evaluate, metrics_from_ranks
+from llmd4rec.evaluation import (compute_ranks, compute_sampled_ranks, evaluate, metrics_from_ranks,
+                                 plan_batches, rank_batches)
 
 
 class FixedScores:
@@ -138,6 +139,23 @@ def test_length_sorted_batches_give_the_same_ranks():
     plain = compute_ranks(BagOfItems(n_items, False), hists, targets, n_items, users_per_batch=4)
     by_length = compute_ranks(BagOfItems(n_items, True), hists, targets, n_items, users_per_batch=4)
     assert np.array_equal(plain, by_length) and plain.max() > 0
+
+
+def test_shards_of_one_plan_add_up_to_the_ranks():
+    """Batches of one plan scored apart, as the ranks of a sharded evaluation score them, and summed give
+    compute_ranks' ranks: each shard leaves 0 for the users it did not score."""
+    g = torch.Generator().manual_seed(3)
+    n_users, n_items = 23, 30
+    hists = [torch.randint(1, n_items + 1, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+             for _ in range(n_users)]
+    targets = torch.randint(1, n_items + 1, (n_users,), generator=g).tolist()
+    model = BagOfItems(n_items, True)
+    batches, chunk = plan_batches(model, hists, n_items, max_len=model.max_len, users_per_batch=4, items_per_chunk=7)
+    shards = [rank_batches(model, hists, targets, n_items, batches[r::2], chunk, max_len=model.max_len)
+              for r in range(2)]
+    whole = compute_ranks(model, hists, targets, n_items, users_per_batch=4, items_per_chunk=7)
+    assert np.array_equal(shards[0][0] + shards[1][0], whole) and whole.max() > 0
+    assert not (shards[0][1] + shards[1][1]).any()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

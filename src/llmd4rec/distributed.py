@@ -129,9 +129,6 @@ def sharded_ranks(model, inputs: list[list[int]], targets: Sequence[int], n_item
     and the ranks summed back, so every rank returns the ranks one process would: each batch is scored with exactly
     the same rows, hence the same floating-point values."""
     world = world_size()
-    if world == 1:
-        return evaluation.compute_ranks(model, inputs, targets, n_items, exclude_seen, memory_mb, max_len,
-                                        users_per_batch, items_per_chunk, device, require_finite)
     if max_len is None:
         max_len = getattr(model, "max_len", None)
     batches, chunk = evaluation.plan_batches(model, inputs, n_items, memory_mb, max_len, users_per_batch,
