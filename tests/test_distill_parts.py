@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from llmd4rec.distill import (TeacherCache, kd_kl, target_ranks, weights_crm_to_llm,
                               weights_llm_to_crm)
-from llmd4rec.distill import cache as cache_module
+from llmd4rec.distill import kl as kl_module
 from llmd4rec.errors import InputError
 
 
@@ -268,7 +268,7 @@ def test_topk_kl_fast_path_equals_plain_autograd(tmp_path, monkeypatch):
     """The hand-written forward/backward equals the autograd formulation in float64, on ordinary rows, on a
     row whose student tail mass is ~1e-40 (underflows a max-shifted float32 exp), and on a flat row; rows are
     processed in blocks of 2 here, as a large batch is."""
-    monkeypatch.setattr(cache_module, "_BLOCK_ELEMENTS", 802)
+    monkeypatch.setattr(kl_module, "_BLOCK_ELEMENTS", 802)
     student, teacher, targets = _peaked(12, 400, seed=5)
     student[0, 1:] *= 60  # extreme: nearly all the student's mass on one item
     student[1, 1:] = 0.0
@@ -305,7 +305,7 @@ def test_topk_kl_fast_path_equals_plain_autograd(tmp_path, monkeypatch):
 def test_full_mode_fast_path_equals_kd_kl_autograd(tmp_path, monkeypatch):
     """Mode full's hand-written forward/backward equals kd_kl through autograd, in float64, on the stored rows
     (in blocks of 3 rows)."""
-    monkeypatch.setattr(cache_module, "_BLOCK_ELEMENTS", 903)
+    monkeypatch.setattr(kl_module, "_BLOCK_ELEMENTS", 903)
     student, teacher, targets = _peaked(10, 300, seed=6)
     student[0, 1:] *= 40
     cache = _build(tmp_path / "c", teacher, targets, k=8, T=0.2, mode="full")
