@@ -402,3 +402,47 @@ def test_resume_partially_written_cache(tmp_path):
     assert w.rows_done == 0
     with pytest.raises(InputError, match="unfinished"):
         TeacherCache.open(tmp_path / "c")
+
+
+class _CountingTeacher(torch.nn.Module):
+    """An LLM-like teacher with fixed logits per (user, position); counts the samples it scores."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits, self.scored = logits, 0
+
+    def prefix_logits(self, x, rows, cols):
+        self.scored += len(rows)
+        return self.logits[x[rows, 0], cols].clone()
+
+
+def test_build_cache_rebuilds_a_cache_of_other_settings_with_a_warning(tmp_path, capsys):
+    """A resumed run reopens its phase's cache: kept when built with the same temperature, k and teacher; rebuilt,
+    with a warning, when built at another temperature, finished or not."""
+    from llmd4rec.distill.teacher import build_cache
+
+    g = torch.Generator().manual_seed(7)
+    n_items = 9
+    inputs = torch.tensor([[0, 1, 2], [1, 3, 4]])  # column 0: the user's row of fixed logits
+    targets = torch.tensor([[0, 2, 3], [3, 4, 5]])
+    teacher = _CountingTeacher(torch.randn(2, 3, n_items + 1, generator=g))
+    path, cpu = tmp_path / "round1-cache-llm", torch.device("cpu")
+
+    def build(T):
+        return build_cache(path, teacher, "llm", inputs, targets, n_items, T, 4, cpu, 1)
+
+    build(0.5)
+    assert teacher.scored == 5
+    assert build(0.5).temperature == 0.5 and teacher.scored == 5  # reused: the teacher does not run again
+    assert "warning" not in capsys.readouterr().err
+    rebuilt = build(1.0)
+    assert "built with other settings" in capsys.readouterr().err and teacher.scored == 10
+    assert rebuilt.temperature == 1.0 and TeacherCache.open(path).temperature == 1.0
+    fresh = _build(tmp_path / "ref", torch.cat([teacher.logits[0, 1:], teacher.logits[1]]), targets[targets > 0],
+                   k=4, T=1.0, mode="auto", batch=5)
+    student = torch.randn(5, n_items + 1, generator=g)
+    assert torch.equal(rebuilt.kl(student, torch.arange(5)), fresh.kl(student, torch.arange(5)))
+    # an unfinished cache started at another temperature starts over too
+    (path / "header.json").unlink()
+    assert build(0.5).temperature == 0.5 and teacher.scored == 15
+    assert "unfinished teacher cache" in capsys.readouterr().err
