@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULT_HELP, builds_on, header, write_result  # noqa: E402
 
 from llmd4rec.config import load_config  # noqa: E402
+from llmd4rec.distributed import free_port  # noqa: E402
 from llmd4rec.io import read_json  # noqa: E402
 from llmd4rec.loading import load_data  # noqa: E402
 
@@ -40,12 +40,6 @@ def histories(bundle: Path, data_dir: str | None, n: int, seed: int) -> list[lis
     dataset, split = load_data(load_config(bundle / "config.yaml", overrides))
     rows = random.Random(seed).choices(split.test_inputs, k=n)
     return [[dataset.item_ids[i] for i in h] for h in rows]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(bundle: Path, port: int, timeout: float) -> subprocess.Popen:

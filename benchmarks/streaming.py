@@ -37,11 +37,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header  # noqa: E402
-from serve_latency import free_port  # noqa: E402
 
 from llmd4rec import versions  # noqa: E402
 from llmd4rec.config import load_config  # noqa: E402
 from llmd4rec.data.dataset import Dataset, leave_one_out  # noqa: E402
+from llmd4rec.distributed import free_port  # noqa: E402
 from llmd4rec.evaluation import compute_ranks, metrics_from_ranks  # noqa: E402
 from llmd4rec.events import Event, SQLiteEventStore  # noqa: E402
 from llmd4rec.export import write_bundle  # noqa: E402

@@ -23,3 +23,10 @@ def tiny_backbone_dir(tmp_path_factory) -> Path:
     from llmd4rec.testing import save_tiny_backbone
 
     return save_tiny_backbone(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from llmd4rec.testing import tiny_tokenizer
+
+    return tiny_tokenizer()

@@ -100,6 +100,26 @@ def test_upward_strategies_and_controls(tmp_path, tiny_backbone_dir, extra, cach
     assert again == pytest.approx(results["rows"]["LLMD4Rec_C"]["test"])
 
 
+@pytest.mark.parametrize("extra, columns, protocol", [
+    (["eval.ks=10"], ["HR@10", "NDCG@10"], "full ranking over all items, exclude_seen=True"),
+    (["eval.mode=sampled", "eval.n_negatives=20"], [f"sampled_{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)],
+     "sampled ranking against 20 unseen negatives per user"),
+])
+def test_results_table_follows_the_eval_config(tmp_path, tiny_backbone_dir, extra, columns, protocol):
+    """The table's columns are eval.ks under eval.mode's keys, in the order of the other recipes' tables, and its
+    title names the ranking protocol."""
+    args = _args(tmp_path, tiny_backbone_dir, "eval", "data.synthetic_users=150", "data.synthetic_items=60",
+                 "distill.direction=upward", *extra)
+    assert main(args) == 0
+    run = tmp_path / "eval"
+    lines = (run / "results.md").read_text().splitlines()
+    assert f"({protocol}," in lines[0]
+    cells = " | ".join(columns)
+    assert f"| model | {cells} |" in lines and f"| relative gain (%) | {cells} |" in lines
+    assert "nan" not in "\n".join(lines)
+    assert (run / "rounds.png").exists()
+
+
 def test_kd_hook_uses_cache_rows_and_weights(tmp_path):
     """The hook's loss equals the hand-assembled beta * w2 * KL averaged over the batch's positions."""
     from llmd4rec.distill import kd_kl, target_ranks, weights_llm_to_crm

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from llmd4rec.distill import (TeacherCache, kd_kl, target_ranks, weights_crm_to_llm,
                               weights_llm_to_crm)
-from llmd4rec.distill import cache as cache_module
+from llmd4rec.distill import kl as kl_module
 from llmd4rec.errors import InputError
 
 
@@ -268,7 +268,7 @@ def test_topk_kl_fast_path_equals_plain_autograd(tmp_path, monkeypatch):
     """The hand-written forward/backward equals the autograd formulation in float64, on ordinary rows, on a
     row whose student tail mass is ~1e-40 (underflows a max-shifted float32 exp), and on a flat row; rows are
     processed in blocks of 2 here, as a large batch is."""
-    monkeypatch.setattr(cache_module, "_BLOCK_ELEMENTS", 802)
+    monkeypatch.setattr(kl_module, "_BLOCK_ELEMENTS", 802)
     student, teacher, targets = _peaked(12, 400, seed=5)
     student[0, 1:] *= 60  # extreme: nearly all the student's mass on one item
     student[1, 1:] = 0.0
@@ -305,7 +305,7 @@ def test_topk_kl_fast_path_equals_plain_autograd(tmp_path, monkeypatch):
 def test_full_mode_fast_path_equals_kd_kl_autograd(tmp_path, monkeypatch):
     """Mode full's hand-written forward/backward equals kd_kl through autograd, in float64, on the stored rows
     (in blocks of 3 rows)."""
-    monkeypatch.setattr(cache_module, "_BLOCK_ELEMENTS", 903)
+    monkeypatch.setattr(kl_module, "_BLOCK_ELEMENTS", 903)
     student, teacher, targets = _peaked(10, 300, seed=6)
     student[0, 1:] *= 40
     cache = _build(tmp_path / "c", teacher, targets, k=8, T=0.2, mode="full")
@@ -402,3 +402,47 @@ def test_resume_partially_written_cache(tmp_path):
     assert w.rows_done == 0
     with pytest.raises(InputError, match="unfinished"):
         TeacherCache.open(tmp_path / "c")
+
+
+class _CountingTeacher(torch.nn.Module):
+    """An LLM-like teacher with fixed logits per (user, position); counts the samples it scores."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits, self.scored = logits, 0
+
+    def prefix_logits(self, x, rows, cols):
+        self.scored += len(rows)
+        return self.logits[x[rows, 0], cols].clone()
+
+
+def test_build_cache_rebuilds_a_cache_of_other_settings_with_a_warning(tmp_path, capsys):
+    """A resumed run reopens its phase's cache: kept when built with the same temperature, k and teacher; rebuilt,
+    with a warning, when built at another temperature, finished or not."""
+    from llmd4rec.distill.teacher import build_cache
+
+    g = torch.Generator().manual_seed(7)
+    n_items = 9
+    inputs = torch.tensor([[0, 1, 2], [1, 3, 4]])  # column 0: the user's row of fixed logits
+    targets = torch.tensor([[0, 2, 3], [3, 4, 5]])
+    teacher = _CountingTeacher(torch.randn(2, 3, n_items + 1, generator=g))
+    path, cpu = tmp_path / "round1-cache-llm", torch.device("cpu")
+
+    def build(T):
+        return build_cache(path, teacher, "llm", inputs, targets, n_items, T, 4, cpu, 1)
+
+    build(0.5)
+    assert teacher.scored == 5
+    assert build(0.5).temperature == 0.5 and teacher.scored == 5  # reused: the teacher does not run again
+    assert "warning" not in capsys.readouterr().err
+    rebuilt = build(1.0)
+    assert "built with other settings" in capsys.readouterr().err and teacher.scored == 10
+    assert rebuilt.temperature == 1.0 and TeacherCache.open(path).temperature == 1.0
+    fresh = _build(tmp_path / "ref", torch.cat([teacher.logits[0, 1:], teacher.logits[1]]), targets[targets > 0],
+                   k=4, T=1.0, mode="auto", batch=5)
+    student = torch.randn(5, n_items + 1, generator=g)
+    assert torch.equal(rebuilt.kl(student, torch.arange(5)), fresh.kl(student, torch.arange(5)))
+    # an unfinished cache started at another temperature starts over too
+    (path / "header.json").unlink()
+    assert build(0.5).temperature == 0.5 and teacher.scored == 15
+    assert "unfinished teacher cache" in capsys.readouterr().err

@@ -11,8 +11,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
 
 from llmd4rec.config import E4SRecConfig  # noqa: E402
 from llmd4rec.errors import InputError  # noqa: E402
@@ -28,15 +27,6 @@ HIST = torch.tensor([[0, 0, 0, 3, 4, 5, 9],
                      [0, 0, 0, 0, 0, 0, 7],
                      [0, 0, 0, 0, 0, 0, 0],
                      [0, 11, 12, 13, 14, 15, 16]])
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """Byte-level tokenizer with no merges: 256 tokens, built offline."""
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 def make_model(tokenizer, arch="llama", attn="sdpa", seed=0, backbone_dtype=torch.float32, text=None, **cfg_kw):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from test_e4srec import HIST, make_model, tokenizer  # noqa: E402,F401
+from test_e4srec import HIST, make_model  # noqa: E402
 
 ROWS, COLS = (HIST[:, :-1] != 0).nonzero(as_tuple=True)
 TARGETS = HIST[ROWS, COLS + 1]
@@ -31,7 +31,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("targets", [["gate_proj", "up_proj", "down_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"]])
-def test_bf16_matches_float32(tokenizer, attn, targets):  # noqa: F811
+def test_bf16_matches_float32(tokenizer, attn, targets):
     """The same weights (the backbone rounded to bfloat16): loss within 1% relative, every gradient within 5% in
     norm, scores within 2% of their spread. bfloat16 keeps 8 significant bits (relative rounding 0.4%), two layers
     of rounding stay well inside these bounds."""
@@ -53,7 +53,7 @@ def test_bf16_matches_float32(tokenizer, attn, targets):  # noqa: F811
     assert (half_scores - scores).abs().max() < 0.02 * (scores.max() - scores.min())
 
 
-def test_bf16_runs_the_decoder_in_bf16_and_scores_in_float32(tokenizer):  # noqa: F811
+def test_bf16_runs_the_decoder_in_bf16_and_scores_in_float32(tokenizer):
     """LoRA's matmuls see bfloat16 inputs (no float32 detour through the adapters) and give bfloat16 outputs;
     W_out and the scores stay float32: bfloat16 scores over many items would tie, and ties count against the
     target in full ranking."""
@@ -69,7 +69,7 @@ def test_bf16_runs_the_decoder_in_bf16_and_scores_in_float32(tokenizer):  # noqa
     assert model.prefix_logits(HIST, ROWS, COLS).dtype == torch.float32
 
 
-def test_lora_on_attention_projections(tokenizer):  # noqa: F811
+def test_lora_on_attention_projections(tokenizer):
     """llm.lora_targets=q_proj,k_proj,v_proj,o_proj: only those adapters exist, they get gradients, and the all-prefix
     path still equals each prefix on its own."""
     model = make_model(tokenizer, "qwen2", lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"])

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from test_e4srec import HIST, N_ITEMS, make_model, tokenizer  # noqa: E402,F401
+from test_e4srec import HIST, N_ITEMS, make_model  # noqa: E402
 
 from llmd4rec.config import Config  # noqa: E402
 from llmd4rec.errors import InputError  # noqa: E402
@@ -30,7 +30,7 @@ def text_table(seed: int = 1) -> torch.Tensor:
     return table
 
 
-def test_w_txt_gets_gradients_and_is_saved(tokenizer):  # noqa: F811
+def test_w_txt_gets_gradients_and_is_saved(tokenizer):
     model = make_model(tokenizer, "qwen2", text=text_table(), item_text=True)
     assert model.w_txt.bias is None and model.w_txt.weight.shape == (32, D_TXT)
     assert not model.text_table.requires_grad and "text_table" in dict(model.named_buffers())
@@ -40,7 +40,7 @@ def test_w_txt_gets_gradients_and_is_saved(tokenizer):  # noqa: F811
     assert float(model.w_txt.weight.grad.norm()) > 0
 
 
-def test_zero_text_row_gives_the_id_only_token(tokenizer):  # noqa: F811
+def test_zero_text_row_gives_the_id_only_token(tokenizer):
     """Same LoRA/W_in/W_out in both models: items without text get bit-identical tokens, items with text do not,
     and a history of text-less items scores exactly as in the ID-only model."""
     plain = make_model(tokenizer, "qwen2")
@@ -58,7 +58,7 @@ def test_zero_text_row_gives_the_id_only_token(tokenizer):  # noqa: F811
         assert not torch.allclose(plain.score_all(HIST[:2]), text.score_all(HIST[:2]))
 
 
-def test_text_table_must_match_the_item_table(tokenizer):  # noqa: F811
+def test_text_table_must_match_the_item_table(tokenizer):
     with pytest.raises(InputError, match="rows"):
         make_model(tokenizer, text=torch.zeros(N_ITEMS, D_TXT), item_text=True)
     with pytest.raises(InputError, match="item_text"):

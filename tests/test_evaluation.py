@@ -110,6 +110,20 @@ def test_sampled_mode_is_labelled_and_seeded():
     assert np.array_equal(r1, r2) and r1.max() <= 100
 
 
+def test_sampled_ranks_against_every_unseen_item_when_too_few_are_left():
+    """A user with fewer unseen items than n_negatives (the draw used to loop forever) is ranked against all of
+    them, as full ranking with exclude_seen ranks; such a user draws nothing, so the others' negatives stay put."""
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randn(3, 9, generator=g)
+    hists = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6, 7], [1]]
+    targets = [6, 8, 2]
+    sampled = compute_sampled_ranks(FixedScores(scores.clone()), hists, targets, 8, n_negatives=5)
+    full = compute_ranks(FixedScores(scores.clone()), hists, targets, 8)
+    assert sampled[:2].tolist() == full[:2].tolist() and sampled[1] == 0
+    alone = compute_sampled_ranks(FixedScores(scores[2:].clone()), hists[2:], targets[2:], 8, n_negatives=5)
+    assert sampled[2] == alone[0]
+
+
 class BagOfItems:
     """Scores from the sum of the history's item vectors: depends on each user's own history only."""
 

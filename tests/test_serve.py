@@ -22,6 +22,7 @@ import llmd4rec.loading  # noqa: E402
 from llmd4rec import cli  # noqa: E402
 from llmd4rec.config import Config, E4SRecConfig, load_config  # noqa: E402
 from llmd4rec.data.dataset import pad_left  # noqa: E402
+from llmd4rec.distributed import free_port  # noqa: E402
 from llmd4rec.errors import InputError  # noqa: E402
 from llmd4rec.export import export_bundle, write_bundle  # noqa: E402
 from llmd4rec.models.sasrec import SASRec  # noqa: E402
@@ -342,15 +343,11 @@ def test_llm_bundle_round_trip(run, tmp_path, monkeypatch):
     """An E4SRec on a tiny random Qwen2 saved as a local model folder: the bundle scores exactly like the model."""
     pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     from llmd4rec.models.backbone import load_backbone
     from llmd4rec.models.e4srec import E4SRec
+    from llmd4rec.testing import tiny_tokenizer
 
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+    tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     backbone = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -380,12 +377,6 @@ def test_llm_bundle_round_trip(run, tmp_path, monkeypatch):
     assert json.loads((distilled / "bundle.json").read_text())["kind"] == "llm"
     r2 = post(TestClient(create_app(distilled)), "/recommend", {"history": [run.dataset.item_ids[i] for i in h], "k": 5})
     assert r2.json() == r.json()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_real_server_process(bundle, run):

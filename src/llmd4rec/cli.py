@@ -57,9 +57,9 @@ _EVAL_OVERRIDES = ("eval.", "data.data_dir=", "device=")  # what may change when
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .evaluation import evaluate_split
+    from .evaluation import evaluate_split, metric_keys
     from .loading import load_data, load_run
-    from .runs import format_table
+    from .tables import format_table
 
     if args.run_dir and "=" in args.run_dir and not Path(args.run_dir).exists():  # an override, not a folder
         args.overrides, args.run_dir = [args.run_dir, *args.overrides], None
@@ -84,9 +84,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise InputError("give a run folder to evaluate (llmd4rec evaluate RUN_DIR), or --model mostpop "
                          "--dataset NAME for the popularity baseline")
     results = {w: evaluate_split(model, split, cfg.eval, w) for w in ("valid", "test")}
-    prefix = "" if cfg.eval.mode == "full" else "sampled_"
-    keys = [f"{prefix}{m}@{k}" for m in ("HR", "NDCG", "MRR") for k in cfg.eval.ks]
     label = f"{cfg.data.name}, {cfg.eval.mode} ranking, exclude_seen={cfg.eval.exclude_seen}"
+    keys = metric_keys(cfg.eval, ("HR", "NDCG", "MRR"))
     print(f"{name} on {label}\n" + format_table({f"{name} (test)": results["test"],
                                                  f"{name} (valid)": results["valid"]}, keys))
     if args.out:

@@ -166,13 +166,27 @@ def compute_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int]
     return ranks
 
 
+def _sampled_negatives(rng: np.random.Generator, seen: set[int], n_items: int, n: int) -> list[int]:
+    """n distinct items in 1..n_items outside `seen` (which grows by them), drawn by rejection; every unseen item,
+    without drawing, when fewer than n are left (rejection sampling would never find the n-th)."""
+    if n_items - sum(1 <= i <= n_items for i in seen) < n:
+        return [i for i in range(1, n_items + 1) if i not in seen]
+    negs: list[int] = []
+    while len(negs) < n:
+        cand = int(rng.integers(1, n_items + 1))
+        if cand not in seen:
+            negs.append(cand)
+            seen.add(cand)
+    return negs
+
+
 @torch.no_grad()
 def compute_sampled_ranks(model: Scorer, inputs: list[list[int]], targets: Sequence[int], n_items: int,
                           n_negatives: int = 100, seed: int = 0, max_len: int | None = None,
                           batch: int = 256, device: torch.device | str = "cpu",
                           require_finite: str | None = None) -> np.ndarray:
     """Legacy protocol: rank of the target among n seeded negatives the user has not seen (ties and non-finite
-    scores count against it, as in `compute_ranks`)."""
+    scores count against it, as in `compute_ranks`); a user with fewer unseen items is ranked against all of them."""
     if max_len is None:
         max_len = getattr(model, "max_len", None)
     rng = np.random.default_rng(seed)
@@ -183,15 +197,7 @@ def compute_sampled_ranks(model: Scorer, inputs: list[list[int]], targets: Seque
         tgt = list(targets[start:start + batch])
         s = model.score_items(model.encode(pad_left(hist, max_len).to(device)), 0, n_items + 1).float().cpu()
         for r, (h, t) in enumerate(zip(hist, tgt)):
-            seen = set(h) | {t}
-            negs: list[int] = []
-            while len(negs) < n_negatives:
-                cand = int(rng.integers(1, n_items + 1))
-                if cand not in seen:
-                    negs.append(cand)
-                    seen.add(cand)
-                if len(seen) > n_items:
-                    break
+            negs = _sampled_negatives(rng, set(h) | {t}, n_items, n_negatives)
             row = s[r, [t, *negs]]
             n_bad += not bool(torch.isfinite(row).all())
             ranks[start + r] = int(_against(row[1:], _target_threshold(row[:1]), False).sum())
@@ -221,6 +227,12 @@ def evaluate(model: Scorer, inputs: list[list[int]], targets: Sequence[int], n_i
 def metric_key(cfg, name: str = "NDCG@10") -> str:
     """The key of a metric under an EvalConfig's mode (sampled-mode keys carry the 'sampled_' prefix)."""
     return ("sampled_" if cfg.mode == "sampled" else "") + name
+
+
+def metric_keys(cfg, metrics: Sequence[str] = ("HR", "NDCG"), ks: Sequence[int] | None = None) -> list[str]:
+    """The table columns of an EvalConfig: each metric at each cutoff (`ks`, default the configured eval.ks),
+    metric by metric, under the config's mode; one definition, so every table of a run shows the same columns."""
+    return [metric_key(cfg, f"{m}@{k}") for m in metrics for k in (cfg.ks if ks is None else ks)]
 
 
 def split_cases(split, which: str) -> tuple[list[list[int]], list[int]]:

@@ -1,4 +1,5 @@
-"""Training curves from metrics.jsonl: loss and validation NDCG@10 / HR@10 per epoch, one line per phase."""
+"""Training curves from metrics.jsonl (loss and validation NDCG@10 / HR@10 per epoch, one line per phase), and a
+distillation run's test metrics per round."""
 
 from __future__ import annotations
 
@@ -38,3 +39,31 @@ def plot_run(run_dir: Path) -> list[Path]:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return [out]
+
+
+def plot_rounds(history: list[dict], path: Path, keys: list[str]) -> None:
+    """Test `keys` (two metrics: the eval mode's HR@10 and NDCG@10) per round for both sides: solid the deployed
+    model, dashed each phase's best distilled epoch (they differ where a phase fell back to its start)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    rounds = [h["round"] for h in history]
+    for ax, key in zip(axes, keys):
+        for side, label, color in (("crm", "SASRec side (CRM)", "C0"), ("llm", "E4SRec side (LLM)", "C1")):
+            ax.plot(rounds, [h[side]["test"][key] for h in history], marker="o", color=color, label=label)
+            distilled = [(h["round"], h[f"{side}_distilled"]["test"][key]) for h in history
+                         if h.get(f"{side}_distilled")]
+            if distilled:
+                ax.plot([0] + [r for r, _ in distilled], [history[0][side]["test"][key]] + [v for _, v in distilled],
+                        ls="--", marker="x", color=color, label=f"{label}, distilled (no fall-back)")
+        ax.set_title(f"test {key} per round (0 = baselines)")
+        ax.set_xlabel("round")
+        ax.set_xticks(rounds)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

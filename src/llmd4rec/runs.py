@@ -1,4 +1,5 @@
-"""Run folders: resolved config, metrics.jsonl, checkpoints and results, each written so a crash loses nothing."""
+"""Run folders: resolved config, metrics.jsonl and checkpoints, each written so a crash loses nothing (the results
+tables are `tables.py`'s)."""
 
 from __future__ import annotations
 
@@ -197,16 +198,3 @@ def truncate_metrics(run_dir: Path, phase: str, keep: int) -> None:
 
     records = [r for r in read_metrics(run_dir) if kept(r)]
     atomic_write_text(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-
-
-def format_table(rows: dict[str, dict[str, float]], keys: list[str]) -> str:
-    """Markdown table, one row per model."""
-    head = "| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
-    body = "".join(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k in keys) + " |\n"
-                   for name, m in rows.items())
-    return head + body
-
-
-def write_results(run_dir: Path, results: dict[str, Any], table: str) -> None:
-    atomic_write_json(run_dir / "results.json", results)
-    atomic_write_text(run_dir / "results.md", table)

@@ -1,23 +1,30 @@
-"""A tiny random decoder saved like a downloaded model folder: tests and benchmarks exercise the real
-E4SRec code paths offline, in seconds, with `llm.backbone=<folder>`."""
+"""A tiny random decoder saved like a downloaded model folder, and its tokenizer: tests and benchmarks exercise the
+real E4SRec code paths offline, in seconds, with `llm.backbone=<folder>`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def save_tiny_backbone(folder: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 4,
-                       kv_heads: int = 2, intermediate: int = 64, dtype: str = "float32") -> Path:
-    """A random Qwen2 (by default 2 layers, hidden 32, 4 heads, 2 KV heads) and a byte-level tokenizer with no
-    merges; larger shapes stand in for real backbones where only speed and memory matter."""
-    import torch
+def tiny_tokenizer():
+    """A byte-level tokenizer with no merges (256 tokens), built offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def save_tiny_backbone(folder: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 4,
+                       kv_heads: int = 2, intermediate: int = 64, dtype: str = "float32") -> Path:
+    """A random Qwen2 (by default 2 layers, hidden 32, 4 heads, 2 KV heads) and `tiny_tokenizer`; larger shapes
+    stand in for real backbones where only speed and memory matter."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,

@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import InputError
 from ..io import atomic_write_json, read_json, sha256_file, write_error
+from .kl import full_row_kl, topk_bucket_kl
 from .weights import target_ranks
 
 FORMAT = "llmd4rec-teacher-cache"
@@ -54,120 +53,6 @@ def _shapes(meta: dict) -> dict[str, tuple[tuple[int, ...], Any]]:
             "log_tail": (s,)}
     files = {**_ROW_FILES, **_MODE_FILES[meta["mode"]]}
     return {name: (dims[name], dtype) for name, dtype in files.items()}
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012)."""
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
-_EXP_FLOOR = -80.0
-_BLOCK_ELEMENTS = 1 << 18  # rows are processed in blocks of about 1 MB of floats, so each block's passes hit the cache
-
-
-def _blocks(n_rows: int, width: int) -> list[slice]:
-    rows = max(1, _BLOCK_ELEMENTS // max(width, 1))
-    return [slice(a, min(a + rows, n_rows)) for a in range(0, n_rows, rows)]
-
-
-class _TopKBucketKL(torch.autograd.Function):
-    """KL(teacher || student) over k + 1 buckets (the teacher's top-k items and the tail), per sample.
-
-    Written out by hand because this runs for every training position of an upward phase: a few passes over the
-    [b, n_items + 1] logits, block by block while the block is in cache, against about twenty full-size passes for
-    the same formula in autograd ops. The tail is summed in its own max-shifted exponentials (no 1 - top-k
-    cancellation, no underflow), and the k + 1 bucket log-probabilities are formed in float64.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, idx: torch.Tensor, log_pt: torch.Tensor, T: float,
-                targets: torch.Tensor | None):
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        b, width = logits.shape
-        ranks = torch.zeros(b if targets is not None else 0, dtype=torch.long, device=logits.device)
-        e_tail = torch.empty(b, width, dtype=dtype, device=logits.device)
-        z_top = torch.empty(idx.shape, dtype=torch.float64, device=logits.device)
-        m_tail = torch.empty(b, 1, dtype=dtype, device=logits.device)
-        for rows in _blocks(b, width):
-            if targets is not None:  # the student's target ranks while the block is in cache
-                ranks[rows] = target_ranks(logits.detach()[rows], targets[rows])
-            z = logits.detach()[rows].to(dtype) * (1.0 / T)
-            z[:, 0] = float("-inf")  # padding takes no mass
-            z_top[rows] = z.gather(1, idx[rows])
-            z.scatter_(1, idx[rows], float("-inf"))  # z now holds the tail items only
-            m_tail[rows] = z.amax(dim=1, keepdim=True)
-            torch.clamp(z.sub_(m_tail[rows]), min=_EXP_FLOOR, out=e_tail[rows]).exp_()  # no (slow) denormals
-        tail_sum = e_tail.sum(dim=1, keepdim=True).double()
-        buckets = torch.cat([z_top, m_tail.double() + tail_sum.log()], dim=1)
-        lse = buckets.logsumexp(dim=1, keepdim=True)
-        log_ps = buckets - lse
-        log_pt = log_pt.double()
-        p_t = log_pt.exp()
-        kl = torch.where(p_t > 0, p_t * (log_pt - log_ps), torch.zeros((), dtype=torch.float64,
-                                                                       device=p_t.device)).sum(1)
-        ctx.save_for_backward(e_tail, idx, p_t, log_ps, tail_sum, m_tail, lse)
-        ctx.T, ctx.dtype = T, logits.dtype
-        ctx.mark_non_differentiable(ranks)
-        return kl.to(dtype), ranks
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor, _):
-        e_tail, idx, p_t, log_ps, tail_sum, m_tail, lse = ctx.saved_tensors  # used once: e_tail becomes the gradient
-        g = grad.double()[:, None] / ctx.T
-        # d KL / d z_j = mass * p_s(j) - p_t(bucket of j) * p_s(j | bucket), a tail item's share of the tail being
-        # e_j / tail_sum; mass = sum of p_t, 1 up to the rounding of the stored teacher
-        mass = p_t.sum(dim=1, keepdim=True)
-        tail_coef = ((mass * (m_tail.double() - lse).exp() - p_t[:, -1:] / tail_sum) * g).to(e_tail.dtype)
-        out = e_tail.mul_(tail_coef)
-        out.scatter_(1, idx, ((mass * log_ps[:, :-1].exp() - p_t[:, :-1]) * g).to(e_tail.dtype))
-        out[:, 0] = 0.0
-        return out.to(ctx.dtype), None, None, None, None
-
-
-class _FullRowKL(torch.autograd.Function):
-    """KL(teacher || student) over all items from a stored fp16 teacher row, per sample; the same formula as
-    `losses.kd_kl`, forward and backward written out for the hot loop (block by block, a third of the passes)."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, teacher: torch.Tensor, T: float, targets: torch.Tensor | None):
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        b, width = logits.shape
-        ranks = torch.zeros(b if targets is not None else 0, dtype=torch.long, device=logits.device)
-        p_t = torch.empty(b, width - 1, dtype=dtype, device=logits.device)
-        p_s = torch.empty(b, width, dtype=dtype, device=logits.device)  # full width: the gradient is made in place
-        kl = torch.empty(b, dtype=dtype, device=logits.device)
-        for rows in _blocks(b, width):
-            if targets is not None:  # the student's target ranks while the block is in cache
-                ranks[rows] = target_ranks(logits.detach()[rows], targets[rows])
-            lt = teacher[rows].to(dtype).mul_(1.0 / T).clamp_(min=_EXP_FLOOR)  # stored max-shifted: the max is 0
-            pt = torch.exp(lt, out=p_t[rows])
-            total_t = pt.sum(dim=1, keepdim=True)
-            pt.div_(total_t)
-            log_pt = lt.sub_(total_t.log_())
-            z = logits.detach()[rows].to(dtype) * (1.0 / T)
-            z[:, 0] = float("-inf")
-            z.sub_(z.amax(dim=1, keepdim=True))
-            ps = torch.clamp(z, min=_EXP_FLOOR, out=p_s[rows]).exp_()
-            ps[:, 0] = 0.0
-            total = ps.sum(dim=1, keepdim=True)
-            ps.div_(total)
-            log_ps = z.sub_(total.log_())[:, 1:]
-            kl[rows] = log_pt.sub_(log_ps).mul_(pt).sum(dim=1)
-        ctx.save_for_backward(p_t, p_s)
-        ctx.T, ctx.dtype = T, logits.dtype
-        ctx.mark_non_differentiable(ranks)
-        return kl, ranks
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor, _):
-        p_t, p_s = ctx.saved_tensors  # used once: overwritten in place
-        g = (grad / ctx.T)[:, None]
-        mass = p_t.sum(dim=1, keepdim=True)  # 1 up to rounding
-        for rows in _blocks(*p_s.shape):
-            p_s[rows].mul_(mass[rows] * g[rows])[:, 1:].sub_(p_t[rows].mul_(g[rows]))
-        return p_s.to(ctx.dtype), None, None, None
 
 
 class TeacherCache:
@@ -421,13 +306,11 @@ class TeacherCacheReader:
                 raise ValueError(f"targets must be item ids in 1..{self.n_items}")
         dev, T = student_logits.device, self.temperature
         if self.mode == "full":
-            kl, ranks = _FullRowKL.apply(student_logits, self._get("logits", r, dev), T, targets)
+            kl, ranks = full_row_kl(student_logits, self._get("logits", r, dev), T, targets)
         else:
-            idx = self._get("topk_idx", r, dev).long()
-            log_tail = self._get("log_tail", r, dev)[:, None]
-            log_top = F.log_softmax(self._get("topk_val", r, dev).float() / T, dim=1) + _log1mexp(log_tail)
-            log_pt = torch.cat([log_top, log_tail], dim=1)
-            kl, ranks = _TopKBucketKL.apply(student_logits, idx, log_pt, T, targets)
+            kl, ranks = topk_bucket_kl(student_logits, self._get("topk_idx", r, dev).long(),
+                                       self._get("topk_val", r, dev), self._get("log_tail", r, dev)[:, None], T,
+                                       targets)
         return (kl * (T ** 2) if t_squared else kl), ranks
 
     def target_ranks(self, rows: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:

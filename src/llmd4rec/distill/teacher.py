@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..io import read_json
 from .cache import TeacherCache, TeacherCacheReader
 from .weights import weights_crm_to_llm, weights_llm_to_crm
 
@@ -43,21 +44,35 @@ class LogProbEnsemble(nn.Module):
         return mixed
 
 
-def _reusable(path: Path, temperature: float, k: int, info: dict) -> TeacherCacheReader | None:
-    """A finished cache is reused only if it was built for the same teacher, temperature and k; a damaged or
-    different one is rebuilt, with a warning."""
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _reusable(path: Path, temperature: float, k: int, n_items: int, info: dict) -> TeacherCacheReader | None:
+    """A finished cache is reused only if it was built for the same teacher, samples, items, temperature and k; a
+    damaged or different one is rebuilt, with a warning."""
     if not (path / "header.json").exists():
         return None
     try:
         reader = TeacherCache.open(path)
     except InputError as e:
-        print(f"warning: {e}; rebuilding the teacher cache", file=sys.stderr, flush=True)
+        _warn(f"{e}; rebuilding the teacher cache")
         return None
-    if reader.temperature != temperature or reader.k != k or reader.info != info:
-        print(f"warning: the teacher cache in {path} was built for another teacher or temperature "
-              f"({reader.info}, T={reader.temperature}, k={reader.k}); rebuilding it", file=sys.stderr, flush=True)
+    if (reader.temperature, reader.k, reader.n_items, reader.info) != (temperature, k, n_items, info):
+        _warn(f"the teacher cache in {path} was built with other settings ({reader.info}, T={reader.temperature}, "
+              f"k={reader.k}, {reader.n_items} items); rebuilding it")
         return None
     return reader
+
+
+def _unfinished_meta(path: Path) -> dict | None:
+    """The parameters an unfinished cache was started with ({} when unreadable), None when there is none."""
+    if (path / "header.json").exists() or not (path / "meta.json").exists():
+        return None
+    try:
+        return read_json(path / "meta.json")
+    except InputError:
+        return {}
 
 
 @torch.no_grad()
@@ -71,14 +86,17 @@ def build_cache(path: Path, teacher, kind: str, inputs: torch.Tensor, targets: t
     from tqdm import tqdm
 
     info = {"teacher": kind, "samples": int((targets > 0).sum()), **(info or {})}
-    reader = _reusable(path, temperature, k, info)
+    reader = _reusable(path, temperature, k, n_items, info)
     if reader is not None:
         return reader
     rows_all = (targets > 0).nonzero(as_tuple=True)[0]
     per_user = (targets > 0).sum(1)
     starts = torch.cat([torch.zeros(1, dtype=torch.long), per_user.cumsum(0)])
     keep = not (path / "header.json").exists()  # a rejected finished cache starts over
+    started = _unfinished_meta(path)
     writer = TeacherCache.create(path, len(rows_all), n_items, k, temperature, resume=keep, info=info)
+    if started is not None and started != writer.meta:  # create kept its rows only if the parameters are the same
+        _warn(f"the unfinished teacher cache in {path} was started with other settings; rebuilding it")
     pending = {s for s, _ in writer.pending_ranges(len(rows_all))}
     done_upto = min(pending) if pending else len(rows_all)
     teacher.eval()

@@ -21,14 +21,15 @@ from ..config import Config
 from ..data.dataset import Split
 from ..errors import InputError
 from ..distributed import evaluate_split
-from ..evaluation import metric_key
+from ..evaluation import metric_key, metric_keys
 from ..io import load_tensors, save_tensors
 from ..models.sasrec import SASRec
-from ..distill.report import plot_rounds, result_rows, results_table
 from ..distill.teacher import LogProbEnsemble, build_cache, kd_hook, sample_index
 from ..loading import (build_llm, check_reused_runs, distilled_crm, distilled_table, distilled_weights, load_crm,
                        load_data, load_llm, llm_text_table)
-from ..runs import log_metrics, make_run_dir, seed_everything, truncate_metrics, write_results
+from ..plots import plot_rounds
+from ..runs import log_metrics, make_run_dir, seed_everything, truncate_metrics
+from ..tables import result_rows, results_table, write_results
 from ..text_embeddings import init_item_table_from_text, item_text_embeddings
 from ..training.crm import fit_crm
 from ..training.llm import fit_llm, sample_grid
@@ -179,13 +180,13 @@ def run(cfg: Config, resume: str | None = None) -> Path:
 
         rows = result_rows(history)
         if main():
-            table = results_table(rows, dataset.name, cfg.eval.exclude_seen, cfg.llm.backbone, cfg.llm.keep_layers)
+            table = results_table(rows, dataset.name, cfg.eval, cfg.llm.backbone, cfg.llm.keep_layers)
             results = {"model": "LLMD4Rec", "dataset": dataset.name, "backbone": cfg.llm.backbone,
                        "keep_layers": cfg.llm.keep_layers, "exclude_seen": cfg.eval.exclude_seen,
                        "eval_mode": cfg.eval.mode, "distill": vars(d), "rows": rows, "history": history,
                        "seconds": time.perf_counter() - t_start, "world_size": distributed.world_size()}
             write_results(run_dir, results, table)
-            plot_rounds(history, run_dir / "rounds.png")
+            plot_rounds(history, run_dir / "rounds.png", metric_keys(cfg.eval, ks=(10,)))
             print(table, flush=True)
         distributed.barrier()
     return run_dir

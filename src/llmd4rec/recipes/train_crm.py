@@ -7,11 +7,12 @@ from pathlib import Path
 
 from .. import distributed
 from ..config import Config
-from ..evaluation import metric_key
+from ..evaluation import metric_keys
 from ..loading import load_data
 from ..models.sasrec import SASRec
 from ..plots import plot_run
-from ..runs import format_table, make_run_dir, seed_everything, write_results
+from ..runs import make_run_dir, seed_everything
+from ..tables import format_table, write_results
 from ..text_embeddings import init_item_table_from_text
 from ..training.crm import fit_crm
 
@@ -31,13 +32,9 @@ def run(cfg: Config, resume: str | None = None) -> Path:
         if distributed.is_main():
             results = {"model": "SASRec", "dataset": dataset.name, "exclude_seen": cfg.eval.exclude_seen,
                        "eval_mode": cfg.eval.mode, "train_seconds": time.perf_counter() - t0, **metrics}
-            table = format_table({"SASRec": metrics["test"]}, _table_keys(cfg))
+            table = format_table({"SASRec": metrics["test"]}, metric_keys(cfg.eval))
             write_results(run_dir, results, table)
             plot_run(run_dir)
             print(table, flush=True)
         distributed.barrier()
     return run_dir
-
-
-def _table_keys(cfg: Config) -> list[str]:
-    return [metric_key(cfg.eval, f"{m}@{k}") for m in ("HR", "NDCG") for k in cfg.eval.ks]

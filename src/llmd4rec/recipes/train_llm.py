@@ -10,10 +10,11 @@ import torch
 from .. import distributed
 from ..config import Config
 from ..errors import InputError
-from ..evaluation import metric_key
+from ..evaluation import metric_keys
 from ..io import load_tensors, save_tensors
 from ..loading import NEEDS_CRM_RUN, build_llm, check_reused_runs, crm_item_table, load_data
-from ..runs import format_table, make_run_dir, seed_everything, write_results
+from ..runs import make_run_dir, seed_everything
+from ..tables import format_table, write_results
 from ..text_embeddings import item_text_embeddings
 from ..training.llm import fit_llm
 
@@ -50,7 +51,6 @@ def run(cfg: Config, resume: str | None = None) -> Path:
         t0 = time.perf_counter()
         metrics = fit_llm(model, split, cfg, run_dir, resume=resume is not None)
         if distributed.is_main():
-            keys = [metric_key(cfg.eval, f"{m}@{k}") for m in ("HR", "NDCG") for k in cfg.eval.ks]
             results = {"model": "E4SRec", "dataset": dataset.name, "backbone": cfg.llm.backbone,
                        "keep_layers": cfg.llm.keep_layers, "dtype": cfg.llm.dtype,
                        "item_text": cfg.llm.item_text, "exclude_seen": cfg.eval.exclude_seen,
@@ -60,7 +60,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
                        "zero_stage": distributed.zero_stage(cfg.llm_train), **metrics}
             if device.type == "cuda":  # this process's peak: what sharding is for
                 results["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            table = format_table({"E4SRec": metrics["test"]}, keys)
+            table = format_table({"E4SRec": metrics["test"]}, metric_keys(cfg.eval))
             write_results(run_dir, results, table)
             print(table, flush=True)
         distributed.barrier()
