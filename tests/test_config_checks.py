@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from llmd4rec.cli import main
 from llmd4rec.config import Config, config_history, flat_keys, load_config
 
-SMALL = ["data.synthetic_users=120", "data.synthetic_items=40", "crm.hidden=16", "crm_train.batch_size=32",
+SMALL = ["data.synthetic_users=120", "data.synthetic_items=40", "crm.hidden=16", "crm_train.users_per_batch=32",
          "device=cpu"]
 
 
@@ -40,7 +40,7 @@ def train_crm(tmp_path: Path, name: str, *extra: str) -> list[str]:
     ("device=bogus", "'device' must be auto, cpu, mps, cuda or cuda:N"),
     ("eval.ks=0,-1", "'eval.ks' must be at least 1, got 0"),
     ("eval.ks=5", "'eval.ks' must include 10"),
-    ("crm_train.batch_size=0", "'crm_train.batch_size' must be at least 1"),
+    ("crm_train.users_per_batch=0", "'crm_train.users_per_batch' must be at least 1"),
     ("crm_train.lr=-1", "'crm_train.lr' must be greater than 0"),
     ("crm_train.lr=nan", "'crm_train.lr' must be a finite number"),
     ("crm.n_heads=3", "'crm.n_heads' must divide crm.hidden (16), got 3"),
