@@ -151,7 +151,7 @@ class DistillConfig:
     direction: Literal["both", "upward", "downward"] = "both"
     cache_topk: int = key(256, min=1)
     # users per batch while the LLM (or the ensemble) writes an upward teacher cache; a SASRec teacher reads 256
-    cache_users_per_batch: int = key(64, min=1, resume="any")
+    cache_users_per_batch: int = key(64, min=1)
     positions: Literal["all", "last_k"] = "all"
     last_k: int = key(50, min=1)
     crm_epochs: int = key(20, min=1)  # upward phases: at most this many CRM epochs (early stopping on validation)
@@ -219,15 +219,15 @@ def _apply(obj: Any, data: dict, prefix: str, source: str) -> None:
     hints = typing.get_type_hints(type(obj))
     fields = {f.name: f for f in dataclasses.fields(obj)}
     for k, v in data.items():
-        key = f"{prefix}{k}"
+        dotted = f"{prefix}{k}"
         if k not in fields:
-            raise InputError(retired_problem(key) or f"unknown config key '{key}'", source)
+            raise InputError(retired_problem(dotted) or f"unknown config key '{dotted}'", source)
         current = getattr(obj, k)
         if dataclasses.is_dataclass(current):
-            _apply(current, v, key + ".", source)
+            _apply(current, v, dotted + ".", source)
         else:
-            value = coerce(v, hints[k], key, source)
-            check_rules(value, fields[k].metadata, key, source)
+            value = coerce(v, hints[k], dotted, source)
+            check_rules(value, fields[k].metadata, dotted, source)
             setattr(obj, k, value)
 
 
@@ -271,10 +271,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         if "=" not in item:
             raise InputError(f"override '{item}' must look like key=value", "command line")
-        key, raw = item.split("=", 1)
-        _set_dotted(cfg, key.strip(), raw)
-    for key, problem in _rule_problems(cfg):
-        raise InputError(f"config key '{key}' {problem}", "command line" if overrides else path)
+        dotted, raw = item.split("=", 1)
+        _set_dotted(cfg, dotted.strip(), raw)
+    for dotted, problem in _rule_problems(cfg):
+        raise InputError(f"config key '{dotted}' {problem}", "command line" if overrides else path)
     return cfg
 
 
@@ -300,12 +300,12 @@ def resume_changes(saved: Config, cfg: Config) -> list[str]:
     one `--resume` allows (declared with `resume=`: "grow" only upward, "any" freely)."""
     old, new = flat_keys(saved), flat_keys(cfg)
     changes, refused = [], []
-    for key, (value, rules) in new.items():
-        before = old[key][0]
+    for dotted, (value, rules) in new.items():
+        before = old[dotted][0]
         if value == before:
             continue
         allowed = rules.get("resume") == "any" or (rules.get("resume") == "grow" and value > before)
-        (changes if allowed else refused).append(f"{key}: {before!r} -> {value!r}")
+        (changes if allowed else refused).append(f"{dotted}: {before!r} -> {value!r}")
     if refused:
         raise InputError(f"--resume continues a run under its own config.yaml; only limits may grow (epochs, "
                          f"patience) and the device or data folder change, not {', '.join(refused)}")
