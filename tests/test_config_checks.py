@@ -71,8 +71,8 @@ def test_a_retired_key_names_its_replacement(tmp_path, capsys, override, needle)
     assert not (tmp_path / "x").exists()
 
 
-def test_the_config_of_a_run_from_before_the_renames_is_refused_with_the_new_key(tmp_path):
-    """A saved config.yaml names every key, so one written before a rename fails on its first retired key."""
+def test_the_config_of_a_run_from_before_the_renames_is_refused_with_the_new_keys(tmp_path):
+    """A saved config.yaml names every key: one written before a rename names all its retired keys in one line."""
     from llmd4rec.config import config_to_dict
     from llmd4rec.config_rules import RETIRED
     from llmd4rec.errors import InputError
@@ -83,6 +83,12 @@ def test_the_config_of_a_run_from_before_the_renames_is_refused_with_the_new_key
     path.write_text(yaml.safe_dump(old, sort_keys=False))
     with pytest.raises(InputError, match="'crm_train.batch_size' is now 'crm_train.users_per_batch'"):
         load_config(path)
+    old["data"]["max_len"] = 50
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    with pytest.raises(InputError) as e:
+        load_config(path)
+    assert str(e.value) == (f"{path}: retired config keys: rename crm_train.batch_size -> crm_train.users_per_batch; "
+                            "delete data.max_len")
     assert not set(RETIRED) & set(flat_keys(Config()))  # a retired name is never a live key again
 
 

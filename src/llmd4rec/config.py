@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 import yaml
 
-from .config_rules import DEVICE, SEED, TEXT, YAML_ERRORS, check_rules, coerce, key, retired_problem
+from .config_rules import (DEVICE, SEED, TEXT, YAML_ERRORS, check_rules, coerce, key, retired_in_file,
+                           retired_problem)
 from .errors import InputError
 
 
@@ -267,6 +268,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                              mark.line + 1 if mark else None) from None
         except YAML_ERRORS as e:
             raise InputError(f"invalid YAML value ({e.__class__.__name__})", path) from None
+        retired = retired_in_file(data)
+        if retired:
+            raise InputError(retired, path)
         _apply(cfg, data, "", str(path))
     for item in overrides or []:
         if "=" not in item:

@@ -39,7 +39,8 @@ _E4SREC_NEVER = "E4SRec's training never read it"
 # dotted key -> (its replacement, or None with why it went)
 RETIRED: dict[str, tuple[str | None, str]] = {
     "crm_train.batch_size": ("crm_train.users_per_batch", "SASRec's batches are whole users"),
-    "llm_train.batch_size": ("llm_train.samples_per_batch", "E4SRec's batches are counted in training samples"),
+    "llm_train.batch_size": ("llm_train.samples_per_batch", "E4SRec's batches are counted in training samples; "
+                             "an LLM teacher cache's users per batch is distill.cache_users_per_batch"),
     "text.batch_size": ("text.texts_per_batch", "item texts read per forward pass"),
     "data.max_len": (None, "nothing read it: crm.max_len and llm.max_len set the history length"),
     **{f"crm_train.{k}": (None, _SASREC_NEVER) for k in ("warmup_steps", "grad_accum", "max_targets_per_user")},
@@ -59,6 +60,21 @@ def retired_problem(dotted: str) -> str | None:
     if new is not None:
         return f"config key '{dotted}' is now '{new}' ({why})"
     return f"config key '{dotted}' was removed ({why}): delete it"
+
+
+def retired_in_file(data: Any) -> str | None:
+    """One line for all the retired keys of a loaded YAML document (a run's saved config.yaml from before a rename
+    names several), or None."""
+    if not isinstance(data, dict):
+        return None
+    found = [k for k in (f"{section}.{k}" for section, keys in data.items() if isinstance(keys, dict) for k in keys)
+             if k in RETIRED]
+    if len(found) < 2:
+        return retired_problem(found[0]) if found else None
+    renamed = [f"{k} -> {RETIRED[k][0]}" for k in found if RETIRED[k][0]]
+    removed = [k for k in found if not RETIRED[k][0]]
+    return "retired config keys: " + "; ".join(
+        (["rename " + ", ".join(renamed)] if renamed else []) + (["delete " + ", ".join(removed)] if removed else []))
 
 
 # a YAML tag or date-like scalar that cannot be built raises these from inside yaml's constructors
