@@ -213,7 +213,7 @@ def _bad_values(key: str, value, rules) -> list[str]:
     if origin is typing.Literal:
         out += ["bogus-choice", "-7"]
     if tp in (int, float) or int in args or float in args or (origin is list and args[0] is int):
-        out += ["abc", "nan", "inf", "1e400"] if tp is float else ["abc", "1.5"]
+        out += ["abc", "nan", "inf", "1e400"] if float in (tp, *args) else ["abc", "1.5"]
     for name, delta in (("min", -1), ("gt", 0), ("max", 1), ("lt", 0)):
         if name in rules:
             out.append(str(rules[name] + delta))
