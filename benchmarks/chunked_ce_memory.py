@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header, write_result  # noqa: E402
 
-from llmd4rec.config import TrainConfig  # noqa: E402
+from llmd4rec.config import CRMTrainConfig  # noqa: E402
 from llmd4rec.training.crm import rec_loss  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def measure(loss: str, items: int, positions: int, dim: int, chunk: int, device:
     w = (0.1 * torch.randn(items + 1, dim, generator=g)).to(device).requires_grad_()
     targets = torch.randint(1, items + 1, (positions,), generator=g).to(device)
     model = types.SimpleNamespace(output_weight=w, n_items=items)
-    cfg = TrainConfig(loss=loss, item_chunk=chunk)
+    cfg = CRMTrainConfig(loss=loss, item_chunk=chunk)
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--length", type=int, default=50)
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--chunks", type=int, nargs="+", default=[TrainConfig().item_chunk, 8192],
+    p.add_argument("--chunks", type=int, nargs="+", default=[CRMTrainConfig().item_chunk, 8192],
                    help="item_chunk values to measure ce_chunked with")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--name", default="chunked_ce_memory", help="result file benchmarks/results/NAME.json")

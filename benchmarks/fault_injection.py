@@ -50,14 +50,14 @@ def phase_args(phase: str, data_dir: str, backbone: Path, refs: dict[str, Path])
     if phase == "crm":
         return ["train-crm", "--config", "configs/sasrec/lastfm.yaml", *common, "crm_train.epochs=4",
                 "crm_train.patience=100"]
-    llm = [f"llm.backbone={backbone}", "llm.keep_layers=null", "llm_train.batch_size=16",
+    llm = [f"llm.backbone={backbone}", "llm.keep_layers=null", "llm_train.samples_per_batch=16",
            "llm_train.max_targets_per_user=2"]
     if phase == "llm":
         return ["train-llm", "--config", "configs/e4srec/beauty_cpu.yaml", *common, *llm, f"crm_run={refs['crm']}",
                 "llm_train.epochs=2", "llm_train.patience=5"]
     return ["distill", "--config", "configs/llmd4rec/synthetic.yaml", *common, *llm, f"crm_run={refs['crm']}",
             f"llm_run={refs['llm']}", "distill.rounds=1", "distill.crm_epochs=2", "distill.llm_epochs=1",
-            "distill.cache_topk=64", "distill.positions=last_k", "distill.last_k=2"]
+            "distill.cache_topk=64", "distill.positions=last_k", "distill.last_k=2", "distill.cache_users_per_batch=16"]
 
 
 # ---------------------------------------------------------------------------------------------- subprocesses
@@ -246,7 +246,7 @@ def bad_config_cases(refs: dict[str, Path], bundle: Path, busy_port: int) -> lis
     crm = ["train-crm", "--config", "configs/sasrec/synthetic.yaml", "device=cpu"]
     cases = [{"name": f"train-crm {o}", "argv": [*crm, o]} for o in (
         "eval.mode=bogus", "crm_train.loss=bogus", "device=bogus", "eval.ks=0,-1", "eval.ks=5",
-        "crm_train.batch_size=0", "crm_train.lr=-1", "crm_train.lr=nan", "crm.n_heads=3", "crm.dropout=2",
+        "crm_train.users_per_batch=0", "crm_train.lr=-1", "crm_train.lr=nan", "crm.n_heads=3", "crm.dropout=2",
         "crm.max_len=0", "seed=-1", "report_to=wandb", "run_name=..")]
     cases += [
         {"name": "distill distill.direction=sideways", "argv": ["distill", "device=cpu", "distill.direction=sideways"]},

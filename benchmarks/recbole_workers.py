@@ -159,8 +159,9 @@ def worker_ours(args: argparse.Namespace) -> None:
                                     "device=cpu", f"crm.hidden={HPARAMS['hidden']}",
                                     f"crm.n_layers={HPARAMS['n_layers']}", f"crm.n_heads={HPARAMS['n_heads']}",
                                     f"crm.dropout={HPARAMS['hidden_dropout']}", f"crm.max_len={HPARAMS['max_len']}",
-                                    f"crm_train.batch_size={HPARAMS['batch_size']}", f"crm_train.lr={HPARAMS['lr']}",
-                                    f"crm_train.weight_decay={HPARAMS['weight_decay']}", "crm_train.loss=ce"])
+                                    f"crm_train.users_per_batch={HPARAMS['batch_size']}",
+                                    f"crm_train.lr={HPARAMS['lr']}", f"crm_train.weight_decay={HPARAMS['weight_decay']}",
+                                    "crm_train.loss=ce"])
     if cfg.data.name != args.dataset:
         raise SystemExit(f"config dataset '{cfg.data.name}' differs from --dataset '{args.dataset}'")
     seed_everything(cfg.seed)
@@ -197,7 +198,7 @@ def worker_ours(args: argparse.Namespace) -> None:
     records = [r for r in read_metrics(run_dir) if r.get("phase") == "crm"]
     result = {"seconds_per_epoch_each": [r["epoch_seconds"] for r in records], "valid_ndcg10_each": ndcg,
               "rows_per_epoch": int(inputs.shape[0]), "loss_terms_per_epoch": int((targets > 0).sum()),
-              "steps_per_epoch": -(-int(inputs.shape[0]) // cfg.crm_train.batch_size),
+              "steps_per_epoch": -(-int(inputs.shape[0]) // cfg.crm_train.users_per_batch),
               "items": dataset.n_items, "users": dataset.n_users, "prep_seconds": prep_seconds,
               "threads": torch.get_num_threads(), "anomaly_detection": torch.is_anomaly_enabled(),
               "params": sum(p.numel() for p in model.parameters()),

@@ -22,7 +22,7 @@ GRID = {
     "d0.5_h2": ["crm.dropout=0.5", "crm.n_heads=2"],
     "d0.5_lr2e-3": ["crm.dropout=0.5", "crm_train.lr=0.002"],
     "d0.4_wd0.1": ["crm.dropout=0.4", "crm_train.weight_decay=0.1"],
-    "d0.5_b256": ["crm.dropout=0.5", "crm_train.batch_size=256"],
+    "d0.5_b256": ["crm.dropout=0.5", "crm_train.users_per_batch=256"],
     "d0.3_untied": ["crm.dropout=0.3", "crm.tie_weights=false"],
 }
 

@@ -75,7 +75,7 @@ def main() -> None:
     save_tensors(work / "crm" / "crm" / "best.safetensors", SASRec(args.items, load_config(None, data).crm).state_dict())
     common = data + [f"llm.backbone={backbone}", "llm.keep_layers=null", f"llm.dtype={args.dtype}",
                      "llm.lora_dropout=0", f"llm_train.epochs={args.epochs}", "llm_train.patience=100",
-                     f"llm_train.batch_size={args.batch_size}", f"crm_run={work / 'crm'}", f"run_dir={work}"]
+                     f"llm_train.samples_per_batch={args.batch_size}", f"crm_run={work / 'crm'}", f"run_dir={work}"]
     rows: dict[str, dict] = {}
     for mode in args.modes:
         nproc, extra = MODES[mode]

@@ -212,8 +212,8 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="training config, e.g. crm_train.epochs=30 update.epochs=5")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = ["device=cpu", "crm.max_len=50", "data.max_len=50", "crm_train.epochs=30", "crm_train.patience=3",
-                 "crm_train.batch_size=32", *args.overrides]
+    overrides = ["device=cpu", "crm.max_len=50", "crm.dropout=0.2", "crm_train.epochs=30", "crm_train.patience=3",
+                 "crm_train.users_per_batch=32", *args.overrides]
     events = read_events(Path(args.data_dir))
     cut = int(len(events) * args.cut)
     stream = events[cut:]

@@ -74,7 +74,7 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         cache = build_cache(work / "cache", teacher, "llm", inputs, targets, n, cfg.distill.t2,
-                            cfg.distill.cache_topk, torch.device("cpu"), max(1, cfg.llm_train.batch_size))
+                            cfg.distill.cache_topk, torch.device("cpu"), cfg.distill.cache_users_per_batch)
         rows["cache_build"] = {"seconds": time.perf_counter() - t0, "samples": len(cache), "mode": cache.mode}
         hooks = {"plain": None, "cached_teacher": kd_hook(cache, index, cfg.distill.beta, cfg.distill.t_squared,
                                                           True, "crm")}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llmd4rec.config import SASRecConfig, TrainConfig, load_config
+from llmd4rec.config import SASRecConfig, CRMTrainConfig, load_config
 from llmd4rec.errors import InputError
 from llmd4rec.models.sasrec import SASRec
 from llmd4rec.models.chunked import ChunkedLogSumExp, chunked_cross_entropy
@@ -133,6 +133,6 @@ def test_item_chunk_must_be_positive():
     model = SASRec(10, SASRecConfig(hidden=8, n_heads=1, max_len=4))
     with pytest.raises(InputError, match="'crm_train.item_chunk' must be at least 1"):  # refused at load
         load_config(None, ["crm_train.loss=ce_chunked", "crm_train.item_chunk=0"])
-    cfg = TrainConfig(loss="ce_chunked", item_chunk=0)  # built in code: the loss still refuses it
+    cfg = CRMTrainConfig(loss="ce_chunked", item_chunk=0)  # built in code: the loss still refuses it
     with pytest.raises(ValueError, match="item_chunk"):
         rec_loss(model, torch.randn(2, 8), torch.tensor([1, 2]), cfg, torch.Generator())

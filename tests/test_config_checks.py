@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from llmd4rec.cli import main
 from llmd4rec.config import Config, config_history, flat_keys, load_config
 
-SMALL = ["data.synthetic_users=120", "data.synthetic_items=40", "crm.hidden=16", "crm_train.batch_size=32",
+SMALL = ["data.synthetic_users=120", "data.synthetic_items=40", "crm.hidden=16", "crm_train.users_per_batch=32",
          "device=cpu"]
 
 
@@ -40,13 +40,13 @@ def train_crm(tmp_path: Path, name: str, *extra: str) -> list[str]:
     ("device=bogus", "'device' must be auto, cpu, mps, cuda or cuda:N"),
     ("eval.ks=0,-1", "'eval.ks' must be at least 1, got 0"),
     ("eval.ks=5", "'eval.ks' must include 10"),
-    ("crm_train.batch_size=0", "'crm_train.batch_size' must be at least 1"),
+    ("crm_train.users_per_batch=0", "'crm_train.users_per_batch' must be at least 1"),
     ("crm_train.lr=-1", "'crm_train.lr' must be greater than 0"),
     ("crm_train.lr=nan", "'crm_train.lr' must be a finite number"),
     ("crm.n_heads=3", "'crm.n_heads' must divide crm.hidden (16), got 3"),
     ("crm.dropout=2", "'crm.dropout' must be less than 1"),
     ("crm.max_len=0", "'crm.max_len' must be at least 1"),
-    ("llm_train.loss=bce", "'llm_train.loss' must be ce or ce_chunked"),
+    ("llm_train.loss=bce", "'llm_train.loss' must be one of ce, ce_chunked, got 'bce'"),
     ("llm_train.zero_stage=4", "'llm_train.zero_stage' must be one of 0, 1, 2, 3"),
     ("run_name=..", "'run_name' must be one folder name"),
     ("seed=-1", "'seed' must be at least 0"),
@@ -55,6 +55,41 @@ def test_bad_values_are_one_line_before_any_run_folder(tmp_path, capsys, overrid
     assert main(train_crm(tmp_path, "x", override)) == 2
     assert needle in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("crm_train.batch_size=64", "config key 'crm_train.batch_size' is now 'crm_train.users_per_batch'"),
+    ("llm_train.batch_size=64", "config key 'llm_train.batch_size' is now 'llm_train.samples_per_batch'"),
+    ("text.batch_size=8", "config key 'text.batch_size' is now 'text.texts_per_batch'"),
+    ("data.max_len=50", "config key 'data.max_len' was removed (nothing read it"),
+    ("llm_train.eval_every=2", "config key 'llm_train.eval_every' was removed"),
+    ("crm_train.warmup_steps=5", "config key 'crm_train.warmup_steps' was removed"),
+])
+def test_a_retired_key_names_its_replacement(tmp_path, capsys, override, needle):
+    assert main(train_crm(tmp_path, "x", override)) == 2
+    assert needle in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_config_of_a_run_from_before_the_renames_is_refused_with_the_new_keys(tmp_path):
+    """A saved config.yaml names every key: one written before a rename names all its retired keys in one line."""
+    from llmd4rec.config import config_to_dict
+    from llmd4rec.config_rules import RETIRED
+    from llmd4rec.errors import InputError
+
+    old = config_to_dict(Config())
+    old["crm_train"]["batch_size"] = old["crm_train"].pop("users_per_batch")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    with pytest.raises(InputError, match="'crm_train.batch_size' is now 'crm_train.users_per_batch'"):
+        load_config(path)
+    old["data"]["max_len"] = 50
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    with pytest.raises(InputError) as e:
+        load_config(path)
+    assert str(e.value) == (f"{path}: retired config keys: rename crm_train.batch_size -> crm_train.users_per_batch; "
+                            "delete data.max_len")
+    assert not set(RETIRED) & set(flat_keys(Config()))  # a retired name is never a live key again
 
 
 def test_eval_ks_of_one_value_is_a_list():
@@ -178,7 +213,7 @@ def _bad_values(key: str, value, rules) -> list[str]:
     if origin is typing.Literal:
         out += ["bogus-choice", "-7"]
     if tp in (int, float) or int in args or float in args or (origin is list and args[0] is int):
-        out += ["abc", "nan", "inf", "1e400"] if tp is float else ["abc", "1.5"]
+        out += ["abc", "nan", "inf", "1e400"] if float in (tp, *args) else ["abc", "1.5"]
     for name, delta in (("min", -1), ("gt", 0), ("max", 1), ("lt", 0)):
         if name in rules:
             out.append(str(rules[name] + delta))

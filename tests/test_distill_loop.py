@@ -15,8 +15,8 @@ from llmd4rec.training.llm import sample_grid
 
 def _args(tmp_path, backbone, name, *extra):
     return ["distill", "--config", "configs/llmd4rec/synthetic.yaml", f"llm.backbone={backbone}",
-            "llm.keep_layers=null", "crm_train.epochs=2", "distill.crm_epochs=1", "llm_train.batch_size=32",
-            f"run_dir={tmp_path}", f"run_name={name}", *extra]
+            "llm.keep_layers=null", "crm_train.epochs=2", "distill.crm_epochs=1", "llm_train.samples_per_batch=32",
+            "distill.cache_users_per_batch=32", f"run_dir={tmp_path}", f"run_name={name}", *extra]
 
 
 def test_one_round_on_lastfm_writes_every_output(tmp_path, shared_data, tiny_backbone_dir, capsys):

@@ -88,7 +88,7 @@ def test_sasrec_lastfm_two_processes_match_one(shared_data, tmp_path):
     within 2 users' worth (2 / 1090): float rounding may flip a near-tie for a user or two. Batch size 121 leaves
     one row for the last batch, so one rank gets an empty shard (it must still join the gradient all-reduce);
     eval.memory_mb=4 makes 12 user batches, dealt out unevenly to the ranks."""
-    overrides = [f"data.data_dir={shared_data}", "crm_train.epochs=2", "crm_train.batch_size=121", "crm.dropout=0",
+    overrides = [f"data.data_dir={shared_data}", "crm_train.epochs=2", "crm_train.users_per_batch=121", "crm.dropout=0",
                  "eval.memory_mb=4", f"run_dir={tmp_path}", "device=cpu"]
     one = _single("crm", "configs/sasrec/lastfm.yaml", overrides + ["run_name=one"])
     _spawn("crm", "configs/sasrec/lastfm.yaml", overrides + ["run_name=two"])
@@ -131,8 +131,8 @@ def test_tiny_e4srec_two_processes_match_one(tmp_path, parallel):
     torch.manual_seed(0)
     save_tensors(tmp_path / "crm-run" / "crm" / "best.safetensors", SASRec(40, cfg_crm.crm).state_dict())
     overrides = data + [f"llm.backbone={backbone}", "llm.max_len=10", "llm.lora_dropout=0", "llm_train.epochs=2",
-                        "llm_train.batch_size=17", "llm_train.max_targets_per_user=4", "llm_train.warmup_steps=2",
-                        "llm_train.grad_accum=2", f"crm_run={tmp_path / 'crm-run'}", f"run_dir={tmp_path}",
+                        "llm_train.samples_per_batch=17", "llm_train.max_targets_per_user=4",
+                        "llm_train.warmup_steps=2", "llm_train.grad_accum=2", f"crm_run={tmp_path / 'crm-run'}", f"run_dir={tmp_path}",
                         "device=cpu"]
     one = _single("llm", None, overrides + ["run_name=one"])
     two = tmp_path / "two"
@@ -160,8 +160,9 @@ def test_distill_round_two_processes_match_one(tmp_path):
     backbone = save_tiny_backbone(tmp_path / "qwen2-tiny")
     overrides = ["data.synthetic_users=80", "data.synthetic_items=50", "crm.hidden=16", "crm.dropout=0",
                  "crm.max_len=10", "llm.max_len=10", f"llm.backbone={backbone}", "llm.keep_layers=null",
-                 "llm.lora_dropout=0", "crm_train.epochs=2", "crm_train.batch_size=24", "llm_train.epochs=1",
-                 "llm_train.batch_size=20", "llm_train.max_targets_per_user=3", "distill.rounds=1",
+                 "llm.lora_dropout=0", "crm_train.epochs=2", "crm_train.users_per_batch=24", "llm_train.epochs=1",
+                 "llm_train.samples_per_batch=20", "llm_train.max_targets_per_user=3", "distill.rounds=1",
+                 "distill.cache_users_per_batch=20",
                  "distill.crm_epochs=1", "distill.cache_topk=8", f"run_dir={tmp_path}", "device=cpu"]
     one = _single("distill", None, overrides + ["run_name=one"])
     _spawn("distill", None, overrides + ["run_name=two"])
@@ -231,7 +232,7 @@ def test_deepspeed_launch_is_accepted_by_the_llm_recipe(monkeypatch, name, stage
     import yaml
 
     from llmd4rec import distributed
-    from llmd4rec.config import TrainConfig
+    from llmd4rec.config import LLMTrainConfig
     from llmd4rec.errors import InputError
 
     ds = yaml.safe_load(open(f"configs/accelerate/{name}"))["deepspeed_config"]
@@ -242,15 +243,15 @@ def test_deepspeed_launch_is_accepted_by_the_llm_recipe(monkeypatch, name, stage
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_INIT", str(ds["zero3_init_flag"]).lower())
     with distributed.session("cpu", shards=True) as device:
         assert device.type == "cpu"
-    assert distributed.zero_stage(TrainConfig()) == stage
+    assert distributed.zero_stage(LLMTrainConfig()) == stage
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
     with pytest.raises(InputError, match="grad_accum"):
-        distributed.zero_stage(TrainConfig(grad_accum=1))
-    assert distributed.zero_stage(TrainConfig(grad_accum=4)) == stage
+        distributed.zero_stage(LLMTrainConfig(grad_accum=1))
+    assert distributed.zero_stage(LLMTrainConfig(grad_accum=4)) == stage
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train-crm", "crm_train.zero_stage=2"], "train-crm trains with DDP"),
+    (["train-crm", "crm_train.zero_stage=2"], "'crm_train.zero_stage' was removed (SASRec trains with DDP"),
     (["distill", "llm_train.fsdp=true"], "distill trains with DDP"),
     (["train-llm", "llm_train.zero_stage=4", "crm_run=x"], "llm_train.zero_stage' must be one of 0, 1, 2, 3"),
 ])

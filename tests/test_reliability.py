@@ -29,7 +29,7 @@ from llmd4rec.io import atomic_write_bytes, load_tensors, save_tensors
 from llmd4rec.training.checkpoint import has_checkpoint, load_checkpoint, load_weights, save_checkpoint
 
 SMALL = ["--config", "configs/sasrec/synthetic.yaml", "data.synthetic_users=120", "data.synthetic_items=40",
-         "crm.hidden=16", "crm_train.batch_size=32", "crm_train.patience=100", "device=cpu"]
+         "crm.hidden=16", "crm_train.users_per_batch=32", "crm_train.patience=100", "device=cpu"]
 
 
 def _crm_args(tmp_path: Path, name: str, *extra: str) -> list[str]:
@@ -481,7 +481,7 @@ def test_llm_killed_mid_epoch_resumes_to_the_uninterrupted_record(tmp_path, tiny
     save_tensors(tmp_path / "crm-run" / "crm" / "best.safetensors",
                  SASRec(40, load_config(None, data).crm).state_dict())
     overrides = data + [f"llm.backbone={tiny_backbone_dir}", "llm.keep_layers=null", "llm.max_len=10",
-                        "llm_train.epochs=1", "llm_train.batch_size=2", "llm_train.max_targets_per_user=4",
+                        "llm_train.epochs=1", "llm_train.samples_per_batch=2", "llm_train.max_targets_per_user=4",
                         f"crm_run={tmp_path / 'crm-run'}", f"run_dir={tmp_path}", "device=cpu"]
     whole = train_llm.run(load_config(None, overrides + ["run_name=whole"]))
 

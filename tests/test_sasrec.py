@@ -89,7 +89,7 @@ def test_checkpoint_round_trip_identical_scores(tmp_path):
 def _synthetic_cfg(tmp_path, name, epochs):
     return load_config("configs/sasrec/synthetic.yaml", [
         "data.synthetic_users=300", "data.synthetic_items=80", f"crm_train.epochs={epochs}",
-        "crm_train.patience=100", "crm_train.batch_size=64", "crm.hidden=32", f"run_dir={tmp_path}",
+        "crm_train.patience=100", "crm_train.users_per_batch=64", "crm.hidden=32", f"run_dir={tmp_path}",
         f"run_name={name}"])
 
 

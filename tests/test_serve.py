@@ -39,7 +39,7 @@ def run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serve")
     cfg = load_config(None, ["data.name=synthetic", "data.synthetic_users=200", f"data.synthetic_items={N_ITEMS}",
-                             "crm_train.epochs=1", "crm.hidden=16", f"crm.max_len={MAX_LEN}", f"data.max_len={MAX_LEN}",
+                             "crm_train.epochs=1", "crm.hidden=16", f"crm.max_len={MAX_LEN}",
                              "device=cpu", f"run_dir={root}", "run_name=sasrec"])
     return load_run(train_crm.run(cfg))
 

@@ -109,7 +109,7 @@ def test_shipped_item_text_is_found_beside_real_datasets(shared_data):
 
 
 def _text_cfg(backbone, **kw):
-    overrides = [f"text.backbone={backbone}", "text.dtype=float32", "text.batch_size=2"]
+    overrides = [f"text.backbone={backbone}", "text.dtype=float32", "text.texts_per_batch=2"]
     return load_config(None, overrides + [f"text.{k}={v}" for k, v in kw.items()])
 
 

@@ -7,40 +7,28 @@ its type (a `typing.Literal` lists the choices), and the rules given with `key(d
 `resume`, what `--resume` may change ("grow": only upward, such as epochs; "any": where the run runs, such as the
 device), and `shape=True` for the keys that fix the data or a model's shapes, on which a reused run (crm_run,
 llm_run) must agree (`shape="synthetic"`: only for the synthetic dataset). Rules that tie keys together are in
-`_rule_problems`. Floats are always finite.
+`_rule_problems`. Floats are always finite. How values are coerced and checked, and the keys that were renamed or
+removed (an old file that still names one fails with the key to write instead), are in config_rules.py.
+
+Each section holds only keys that its reader honours: `crm_train` is SASRec's training (batches of users),
+`llm_train` is E4SRec's (batches of samples).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-import re
 import time
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import yaml
 
+from .config_rules import (DEVICE, SEED, TEXT, YAML_ERRORS, check_rules, coerce, key, retired_in_file,
+                           retired_problem)
 from .errors import InputError
-
-
-def key(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None, **rules: Any) -> Any:
-    """A config field with validation rules (see the module docstring)."""
-    unknown = set(rules) - {"min", "max", "gt", "lt", "nonempty", "pattern", "resume", "shape"}
-    if unknown:
-        raise TypeError(f"unknown config rule(s) {sorted(unknown)}")
-    if factory is not None:
-        return field(default_factory=factory, metadata=rules)
-    return field(default=default, metadata=rules)
-
-
-SEED = {"min": 0, "max": 2 ** 32 - 1}  # numpy's seeds
-TEXT = (r".+", "a non-empty string")
-DEVICE = (r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, mps, cuda or cuda:N")
 
 
 @dataclass
@@ -48,7 +36,6 @@ class DataConfig:
     name: str = key("synthetic", pattern=TEXT, shape=True)
     # local copies laid out like ../shared/data; else $LLMD4REC_DATA, else download
     data_dir: str | None = key(None, resume="any")
-    max_len: int = key(50, min=1)
     synthetic_users: int = key(2000, min=1, shape="synthetic")
     synthetic_items: int = key(500, min=2, shape="synthetic")
     seed: int = key(0, **SEED, shape="synthetic")  # of the synthetic data
@@ -71,32 +58,47 @@ class SASRecConfig:
     hidden: int = key(64, min=1, shape=True)
     n_layers: int = key(2, min=1, shape=True)
     n_heads: int = key(1, min=1, shape=True)
-    dropout: float = key(0.2, min=0, lt=1)
+    dropout: float = key(0.3, min=0, lt=1)
     max_len: int = key(50, min=1, shape=True)
     tie_weights: bool = key(True, shape=True)
     text_init: bool = False  # item table starts from the text embeddings (section `text`), PCA-projected to `hidden`
 
 
 @dataclass
-class TrainConfig:
+class CRMTrainConfig:
+    """SASRec's training (training/crm.py)."""
     epochs: int = key(200, min=1, resume="grow")
-    batch_size: int = key(128, min=1)
+    users_per_batch: int = key(128, min=1)  # each user brings all its positions
     lr: float = key(1e-3, gt=0)
     weight_decay: float = key(0.0, min=0)
-    loss: Literal["ce", "ce_chunked", "sampled_ce", "bce"] = "ce"  # the LLM: ce | ce_chunked
-    n_negatives: int = key(256, min=1)
-    item_chunk: int = key(65536, min=1)  # ce_chunked: items per chunk, so memory stays samples x item_chunk floats
-    # the item-score matmuls of the CRM's training loss (models/bf16.py)
+    loss: Literal["ce", "ce_chunked", "sampled_ce", "bce"] = "ce"
+    n_negatives: int = key(256, min=1)  # sampled_ce
+    item_chunk: int = key(65536, min=1)  # ce_chunked: items per chunk, so memory stays positions x item_chunk floats
+    # the item-score matmuls of the training loss (models/bf16.py)
     precision: Literal["float32", "bfloat16"] = "bfloat16"
     patience: int = key(10, min=1, resume="grow")
     eval_every: int = key(1, min=1)
     grad_clip: float = key(5.0, min=0)  # 0: no clipping
-    warmup_steps: int = key(0, min=0)
+    seed: int = key(42, **SEED)
+
+
+@dataclass
+class LLMTrainConfig:
+    """E4SRec's training (training/llm.py): validated after every epoch."""
+    epochs: int = key(3, min=1, resume="grow")
+    samples_per_batch: int = key(16, min=1)  # (user, position) samples; whole users fill each batch up to it
+    lr: float = key(3e-4, gt=0)
+    weight_decay: float = key(0.1, min=0)
+    loss: Literal["ce", "ce_chunked"] = "ce"
+    item_chunk: int = key(65536, min=1)  # ce_chunked: items per chunk, so memory stays samples x item_chunk floats
+    patience: int = key(2, min=1, resume="grow")
+    grad_clip: float = key(1.0, min=0)  # 0: no clipping
+    warmup_steps: int = key(100, min=0)
     grad_accum: int = key(1, min=1)
     max_targets_per_user: int = key(50, min=0)  # 0: every target
     seed: int = key(42, **SEED)
-    fsdp: bool = False  # LLM under torchrun: shard the backbone with FSDP (accelerate launch sets it from its config)
-    # LLM: DeepSpeed ZeRO stage 1, 2 or 3 (0: off; accelerate launch sets it from its config)
+    fsdp: bool = False  # under torchrun: shard the backbone with FSDP (accelerate launch sets it from its config)
+    # DeepSpeed ZeRO stage 1, 2 or 3 (0: off; accelerate launch sets it from its config)
     zero_stage: Literal[0, 1, 2, 3] = 0
 
 
@@ -133,7 +135,7 @@ class TextConfig:
     # the final hidden states averaged over the text's tokens, or the last one
     pooling: Literal["mean", "last"] = "mean"
     max_tokens: int = key(64, min=1)  # longer texts are cut
-    batch_size: int = key(32, min=1)
+    texts_per_batch: int = key(32, min=1)
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # the backbone's compute dtype while reading
 
 
@@ -149,6 +151,8 @@ class DistillConfig:
     embedding_update: bool = True
     direction: Literal["both", "upward", "downward"] = "both"
     cache_topk: int = key(256, min=1)
+    # users per batch while the LLM (or the ensemble) writes an upward teacher cache; a SASRec teacher reads 256
+    cache_users_per_batch: int = key(64, min=1)
     positions: Literal["all", "last_k"] = "all"
     last_k: int = key(50, min=1)
     crm_epochs: int = key(20, min=1)  # upward phases: at most this many CRM epochs (early stopping on validation)
@@ -167,7 +171,7 @@ class DistillConfig:
 class UpdateConfig:
     """`llmd4rec update`: a short continuation of the bundle's SASRec on the users with new events.
 
-    Training keys not named here (batch size, loss, grad clip, seed) come from crm_train."""
+    Training keys not named here (users per batch, loss, grad clip, seed) come from crm_train."""
 
     epochs: int = key(5, min=1)
     lr: float = key(5e-4, gt=0)
@@ -190,10 +194,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     crm: SASRecConfig = field(default_factory=SASRecConfig)
-    crm_train: TrainConfig = field(default_factory=TrainConfig)
+    crm_train: CRMTrainConfig = field(default_factory=CRMTrainConfig)
     llm: E4SRecConfig = field(default_factory=E4SRecConfig)
-    llm_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=3, batch_size=16, lr=3e-4, weight_decay=0.1, patience=2, warmup_steps=100, grad_clip=1.0))
+    llm_train: LLMTrainConfig = field(default_factory=LLMTrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     text: TextConfig = field(default_factory=TextConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
@@ -208,86 +211,7 @@ def _rule_problems(cfg: Config) -> list[tuple[str, str]]:
         out.append(("crm.n_heads", f"must divide crm.hidden ({cfg.crm.hidden}), got {cfg.crm.n_heads}"))
     if 10 not in cfg.eval.ks:
         out.append(("eval.ks", f"must include 10 (early stopping and the tables use NDCG@10), got {cfg.eval.ks}"))
-    if cfg.llm_train.loss not in ("ce", "ce_chunked"):
-        out.append(("llm_train.loss", f"must be ce or ce_chunked for the LLM, got '{cfg.llm_train.loss}'"))
     return out
-
-
-# a YAML tag or date-like scalar that cannot be built raises these from inside yaml's constructors
-_YAML_ERRORS = (yaml.YAMLError, ValueError, TypeError, KeyError, OverflowError, RecursionError)
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
-            return None
-        return _coerce(value, inner[0], key, source)
-    if origin is Literal:
-        choices, original = ", ".join(map(str, args)), value
-        try:
-            value = _coerce(value, type(args[0]), key, source)
-        except InputError:
-            value = None
-        if value not in args:
-            raise InputError(f"config key '{key}' must be one of {choices}, got {original!r}", source) from None
-        return value
-    if origin is list:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v != ""]
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value]  # eval.ks=10 on the command line is the list [10]
-        if not isinstance(value, list):
-            raise InputError(f"config key '{key}' must be a list, got {value!r}", source)
-        return [_coerce(v, args[0], key, source) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise InputError(f"config key '{key}' must be true or false, got {value!r}", source)
-    if tp in (int, float):
-        if isinstance(value, bool):
-            raise InputError(f"config key '{key}' must be a number, got {value!r}", source)
-        try:
-            if tp is int:
-                if isinstance(value, float) and not value.is_integer():
-                    raise ValueError
-                return int(value) if not isinstance(value, str) else int(value, 10)
-            number = float(value)
-        except (TypeError, ValueError, OverflowError):
-            raise InputError(f"config key '{key}' must be {'an integer' if tp is int else 'a number'}, got {value!r}",
-                             source) from None
-        if not math.isfinite(number):
-            raise InputError(f"config key '{key}' must be a finite number, got {value!r}", source)
-        return number
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise InputError(f"config key '{key}' must be a string, got {value!r}", source)
-        return str(value)
-    raise InputError(f"config key '{key}' has an unsupported type", source)
-
-
-_BOUNDS = {"min": (lambda v, b: v >= b, "at least"), "max": (lambda v, b: v <= b, "at most"),
-           "gt": (lambda v, b: v > b, "greater than"), "lt": (lambda v, b: v < b, "less than")}
-
-
-def _check_rules(value: Any, rules: typing.Mapping[str, Any], key: str, source: str) -> None:
-    """The rules declared with `key(...)`; a range applies to each element of a list."""
-    if value is None:
-        return
-    if rules.get("nonempty") and not value:
-        raise InputError(f"config key '{key}' must not be empty", source)
-    for v in value if isinstance(value, list) else [value]:
-        for name, (ok, words) in _BOUNDS.items():
-            if name in rules and isinstance(v, (int, float)) and not ok(v, rules[name]):
-                raise InputError(f"config key '{key}' must be {words} {rules[name]}, got {v!r}", source)
-        if "pattern" in rules and isinstance(v, str) and not re.fullmatch(rules["pattern"][0], v):
-            raise InputError(f"config key '{key}' must be {rules['pattern'][1]}, got {v!r}", source)
 
 
 def _apply(obj: Any, data: dict, prefix: str, source: str) -> None:
@@ -296,15 +220,15 @@ def _apply(obj: Any, data: dict, prefix: str, source: str) -> None:
     hints = typing.get_type_hints(type(obj))
     fields = {f.name: f for f in dataclasses.fields(obj)}
     for k, v in data.items():
-        key = f"{prefix}{k}"
+        dotted = f"{prefix}{k}"
         if k not in fields:
-            raise InputError(f"unknown config key '{key}'", source)
+            raise InputError(retired_problem(dotted) or f"unknown config key '{dotted}'", source)
         current = getattr(obj, k)
         if dataclasses.is_dataclass(current):
-            _apply(current, v, key + ".", source)
+            _apply(current, v, dotted + ".", source)
         else:
-            value = _coerce(v, hints[k], key, source)
-            _check_rules(value, fields[k].metadata, key, source)
+            value = coerce(v, hints[k], dotted, source)
+            check_rules(value, fields[k].metadata, dotted, source)
             setattr(obj, k, value)
 
 
@@ -317,7 +241,7 @@ def _set_dotted(cfg: Config, dotted: str, raw: str) -> None:
         obj = getattr(obj, p)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except _YAML_ERRORS:  # not YAML (or a YAML tag that cannot be built): take the text as it is
+    except YAML_ERRORS:  # not YAML (or a YAML tag that cannot be built): take the text as it is
         value = raw
     _apply(obj, {parts[-1]: value}, ".".join(parts[:-1]) + "." if len(parts) > 1 else "", "command line")
 
@@ -342,16 +266,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             mark = getattr(e, "problem_mark", None)
             raise InputError(f"invalid YAML ({getattr(e, 'problem', 'parse error')})", path,
                              mark.line + 1 if mark else None) from None
-        except _YAML_ERRORS as e:
+        except YAML_ERRORS as e:
             raise InputError(f"invalid YAML value ({e.__class__.__name__})", path) from None
+        retired = retired_in_file(data)
+        if retired:
+            raise InputError(retired, path)
         _apply(cfg, data, "", str(path))
     for item in overrides or []:
         if "=" not in item:
             raise InputError(f"override '{item}' must look like key=value", "command line")
-        key, raw = item.split("=", 1)
-        _set_dotted(cfg, key.strip(), raw)
-    for key, problem in _rule_problems(cfg):
-        raise InputError(f"config key '{key}' {problem}", "command line" if overrides else path)
+        dotted, raw = item.split("=", 1)
+        _set_dotted(cfg, dotted.strip(), raw)
+    for dotted, problem in _rule_problems(cfg):
+        raise InputError(f"config key '{dotted}' {problem}", "command line" if overrides else path)
     return cfg
 
 
@@ -377,12 +304,12 @@ def resume_changes(saved: Config, cfg: Config) -> list[str]:
     one `--resume` allows (declared with `resume=`: "grow" only upward, "any" freely)."""
     old, new = flat_keys(saved), flat_keys(cfg)
     changes, refused = [], []
-    for key, (value, rules) in new.items():
-        before = old[key][0]
+    for dotted, (value, rules) in new.items():
+        before = old[dotted][0]
         if value == before:
             continue
         allowed = rules.get("resume") == "any" or (rules.get("resume") == "grow" and value > before)
-        (changes if allowed else refused).append(f"{key}: {before!r} -> {value!r}")
+        (changes if allowed else refused).append(f"{dotted}: {before!r} -> {value!r}")
     if refused:
         raise InputError(f"--resume continues a run under its own config.yaml; only limits may grow (epochs, "
                          f"patience) and the device or data folder change, not {', '.join(refused)}")

@@ -62,8 +62,8 @@ def encode_texts(texts: list[str], cfg: TextConfig, device: torch.device | str =
     ids = tokenizer([texts[i] for i in todo], add_special_tokens=False, truncation=True,
                     max_length=cfg.max_tokens)["input_ids"]
     order = sorted(range(len(todo)), key=lambda j: len(ids[j]))  # similar lengths together: little padding
-    for s in tqdm(range(0, len(order), cfg.batch_size), desc="reading item text", leave=False, mininterval=5):
-        batch = order[s:s + cfg.batch_size]
+    for s in tqdm(range(0, len(order), cfg.texts_per_batch), desc="reading item text", leave=False, mininterval=5):
+        batch = order[s:s + cfg.texts_per_batch]
         width = max(len(ids[j]) for j in batch)
         x = torch.zeros(len(batch), width, dtype=torch.long)  # any valid id: padding is masked out
         mask = torch.zeros(len(batch), width, dtype=torch.long)

@@ -74,7 +74,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
         raise InputError(f"crm.max_len ({cfg.crm.max_len}) and llm.max_len ({cfg.llm.max_len}) must match for "
                          "distill: both models share one sample grid")
     check_reused_runs(cfg)
-    distributed.refuse_sharding("distill", crm_train=cfg.crm_train, llm_train=cfg.llm_train)
+    distributed.refuse_sharding("distill", llm_train=cfg.llm_train)
     main = distributed.is_main  # a function: the process group exists only inside the session
     with distributed.session(cfg.device) as device:
         with distributed.main_first():  # bad data makes no run folder
@@ -128,7 +128,6 @@ def run(cfg: Config, resume: str | None = None) -> Path:
         # 3. alternating rounds
         llm_grid = sample_grid(split.train, cfg.llm.max_len, cfg.llm_train.max_targets_per_user)
         crm_grid = sample_grid(split.train, cfg.crm.max_len, d.last_k if d.positions == "last_k" else 0)
-        users_per_batch = max(1, cfg.llm_train.batch_size)
         for t in range(1, d.rounds + 1):
             record = {"round": t}
             if d.direction in ("both", "downward"):
@@ -170,7 +169,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
                     crm_m = skip_phase(folder, done, lambda: _evaluate(crm, split, cfg, device))
                 else:
                     crm, crm_m = _upward(cfg, t, crm, crm_m, llm, split, dataset, run_dir, device, crm_grid,
-                                         users_per_batch, resume is not None)
+                                         resume is not None)
                 record.update(crm_distilled=crm_m.get("distilled"), crm_kept_start=crm_m.get("kept_start"))
             history.append({**record, "crm": phase_metrics(crm_m), "llm": phase_metrics(llm_m)})
             if main():
@@ -193,7 +192,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
 
 
 def _upward(cfg: Config, t: int, crm: SASRec, crm_m: dict, llm, split: Split, dataset, run_dir: Path, device,
-            grid: tuple[torch.Tensor, torch.Tensor], users_per_batch: int, resume: bool) -> tuple[SASRec, dict]:
+            grid: tuple[torch.Tensor, torch.Tensor], resume: bool) -> tuple[SASRec, dict]:
     """One upward phase: the frozen teacher's logits cached at T2, then the CRM trained with L_CRM, either on from
     its weights (distill.upward_init=continue, at distill.upward_lr) or from a new initialisation with the KD term
     from its first step (scratch); the start is deployed instead where distill.keep_start says so."""
@@ -205,7 +204,7 @@ def _upward(cfg: Config, t: int, crm: SASRec, crm_m: dict, llm, split: Split, da
         teacher, kind = _upward_teacher(cfg, crm, llm)
         with distributed.main_first():
             cache = build_cache(run_dir / f"round{t}-cache-{kind}", teacher, kind, *grid, crm.n_items, d.t2,
-                                d.cache_topk, device, 256 if kind == "crm" else users_per_batch)
+                                d.cache_topk, device, 256 if kind == "crm" else d.cache_users_per_batch)
         kd = kd_hook(cache, sample_index(grid[1]), d.beta, d.t_squared, d.adaptive_weights, "crm")
     start = crm
     if d.upward_init == "scratch":

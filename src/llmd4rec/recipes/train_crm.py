@@ -18,7 +18,6 @@ from ..training.crm import fit_crm
 
 
 def run(cfg: Config, resume: str | None = None) -> Path:
-    distributed.refuse_sharding("train-crm", crm_train=cfg.crm_train)
     with distributed.session(cfg.device) as device:
         with distributed.main_first():  # one download, the others read the files; bad data makes no run folder
             dataset, split = load_data(cfg)

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import distributed
-from ..config import Config, TrainConfig
+from ..config import Config, CRMTrainConfig
 from ..data.dataset import Split, all_positions
 from ..distributed import evaluate_split
 from ..evaluation import metric_key
@@ -30,8 +30,8 @@ def trim_padding(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.
     return x[:, start:], y[:, start:]
 
 
-def rec_loss(model: SASRec, h: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig, gen: torch.Generator,
-             shard: tuple[int, int] | None = None, want_logits: bool = False
+def rec_loss(model: SASRec, h: torch.Tensor, targets: torch.Tensor, cfg: CRMTrainConfig,
+             gen: torch.Generator, shard: tuple[int, int] | None = None, want_logits: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Recommendation loss over valid positions; returns the full logits too when the loss computed them.
 
@@ -102,7 +102,7 @@ class CRMTrainer:
     the whole batch's mean loss: the same step as one process, up to float rounding.
     """
 
-    def __init__(self, model: SASRec, split: Split, cfg: Config, tc: TrainConfig, phase: str, folder: Path,
+    def __init__(self, model: SASRec, split: Split, cfg: Config, tc: CRMTrainConfig, phase: str, folder: Path,
                  kd: KDHook | None):
         self.model, self.split, self.cfg, self.tc, self.kd = model, split, cfg, tc, kd
         self.phase, self.folder = phase, folder
@@ -127,10 +127,10 @@ class CRMTrainer:
         t0 = time.perf_counter()
         perm = torch.randperm(len(self.inputs), generator=self.gen)
         total, n_pos = 0.0, 0
-        bar = tqdm(range(0, len(perm), tc.batch_size), desc=f"{self.phase} epoch {epoch}", leave=False,
+        bar = tqdm(range(0, len(perm), tc.users_per_batch), desc=f"{self.phase} epoch {epoch}", leave=False,
                    mininterval=2, disable=None if distributed.is_main() else True)
         for s in bar:
-            rows = perm[s:s + tc.batch_size]
+            rows = perm[s:s + tc.users_per_batch]
             shard = None
             if world > 1:
                 counts = (targets[rows] > 0).sum(1)
@@ -149,7 +149,7 @@ class CRMTrainer:
                 r, c = (targets[rows] > 0).nonzero(as_tuple=True)  # same row-major order as `valid`
                 kd_loss = kd(rows[r], c, logits, y[valid])  # a mean over this rank's positions
                 loss = loss + (kd_loss * (n_valid / shard[1]) if shard else kd_loss)
-            check_loss(loss, self.phase, epoch, s // tc.batch_size, self.folder)
+            check_loss(loss, self.phase, epoch, s // tc.users_per_batch, self.folder)
             self.optimizer.zero_grad(set_to_none=True)
             if shard:  # DDP averages gradients over ranks, while each rank's part of the batch mean counts in full
                 scaled = loss * world
@@ -184,7 +184,7 @@ class CRMTrainer:
 
 
 def fit_crm(model: SASRec, split: Split, cfg: Config, run_dir: Path, phase: str = "crm",
-            train_cfg: TrainConfig | None = None, kd: KDHook | None = None, resume: bool = False,
+            train_cfg: CRMTrainConfig | None = None, kd: KDHook | None = None, resume: bool = False,
             keep_start: bool = False) -> dict:
     """Train with early stopping on validation; leaves the best weights in `model`; returns its metrics.
 

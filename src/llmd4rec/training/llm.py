@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed
-from ..config import Config, TrainConfig
+from ..config import Config, LLMTrainConfig
 from ..data.dataset import Split, all_positions
 from ..distributed import evaluate_split
 from ..errors import InputError
@@ -74,7 +74,7 @@ class LLMTrainer:
     so that the average is the gradient of the whole batch's mean loss.
     """
 
-    def __init__(self, model, split: Split, cfg: Config, tc: TrainConfig, phase: str, folder: Path,
+    def __init__(self, model, split: Split, cfg: Config, tc: LLMTrainConfig, phase: str, folder: Path,
                  kd: KDHook | None, save_every: int):
         self.model, self.split, self.cfg, self.tc, self.kd = model, split, cfg, tc, kd
         self.phase, self.folder, self.save_every = phase, folder, save_every
@@ -116,7 +116,7 @@ class LLMTrainer:
             self.forward = distributed.ddp(self.model)
         if world > 1:
             distributed.offset_rng()
-        n_batches = len(user_batches(self.targets, torch.arange(len(self.targets)), tc.batch_size))
+        n_batches = len(user_batches(self.targets, torch.arange(len(self.targets)), tc.samples_per_batch))
         self.sched = cosine_with_warmup(self.optimizer, tc.warmup_steps,
                                         tc.epochs * math.ceil(n_batches / tc.grad_accum))
         done = state.extra.get("sched", 0)
@@ -130,7 +130,7 @@ class LLMTrainer:
         world, fsdp, zero = distributed.world_size(), self.fsdp, self.zero
         inputs, targets = self.inputs, self.targets
         epoch_gen_state = gen.get_state()
-        batches = user_batches(targets, torch.randperm(len(targets), generator=gen), tc.batch_size)
+        batches = user_batches(targets, torch.randperm(len(targets), generator=gen), tc.samples_per_batch)
         model.train()
         total, seen, before = state.extra.get("done_part", (0.0, 0, 0.0)) if state.step else (0.0, 0, 0.0)
         t0 = time.perf_counter() - before
@@ -223,8 +223,9 @@ class LLMTrainer:
         self.model.eval()
 
 
-def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm", train_cfg: TrainConfig | None = None,
-            kd: KDHook | None = None, resume: bool = False, save_every: int = 50) -> dict:
+def fit_llm(model, split: Split, cfg: Config, run_dir: Path, phase: str = "llm",
+            train_cfg: LLMTrainConfig | None = None, kd: KDHook | None = None, resume: bool = False,
+            save_every: int = 50) -> dict:
     """AdamW + cosine warm-up, early stopping on validation; a `last` checkpoint every `save_every` batches too."""
     tc = train_cfg or cfg.llm_train
     trainer = LLMTrainer(model, split, cfg, tc, phase, run_dir / phase, kd, save_every)
