@@ -92,6 +92,29 @@ def test_the_config_of_a_run_from_before_the_renames_is_refused_with_the_new_key
     assert not set(RETIRED) & set(flat_keys(Config()))  # a retired name is never a live key again
 
 
+def test_a_run_from_before_the_renames_still_evaluates_and_resumes(tmp_path, capsys):
+    """A run's own config.yaml is read with its retired keys upgraded (one warning line), so old runs and bundles
+    keep working; the old LLM batch size also sized the LLM teacher cache's batches and carries over."""
+    assert main(train_crm(tmp_path, "old", "crm_train.epochs=2", "crm_train.users_per_batch=24")) == 0
+    run = tmp_path / "old"
+    data = yaml.safe_load((run / "config.yaml").read_text())
+    data["crm_train"]["batch_size"] = data["crm_train"].pop("users_per_batch")
+    data["llm_train"]["batch_size"] = data["llm_train"].pop("samples_per_batch")
+    del data["distill"]["cache_users_per_batch"]
+    data["data"]["max_len"] = 50
+    (run / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    capsys.readouterr()
+
+    cfg = load_config(run / "config.yaml", saved=True)
+    assert cfg.crm_train.users_per_batch == 24
+    assert cfg.distill.cache_users_per_batch == cfg.llm_train.samples_per_batch == data["llm_train"]["batch_size"]
+    warning = capsys.readouterr().err
+    assert "crm_train.batch_size -> crm_train.users_per_batch" in warning and "data.max_len dropped" in warning
+    assert main(["evaluate", str(run)]) == 0
+    assert main(["train-crm", "--resume", str(run), "crm_train.epochs=3"]) == 0
+    assert load_config(run / "config.yaml").crm_train.users_per_batch == 24  # saved again under the new names
+
+
 def test_eval_ks_of_one_value_is_a_list():
     assert load_config(None, ["eval.ks=10"]).eval.ks == [10]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from .config_rules import (DEVICE, SEED, TEXT, YAML_ERRORS, check_rules, coerce, key, retired_in_file,
-                           retired_problem)
+                           retired_problem, upgrade_retired)
 from .errors import InputError
 
 
@@ -246,9 +247,11 @@ def _set_dotted(cfg: Config, dotted: str, raw: str) -> None:
     _apply(obj, {parts[-1]: value}, ".".join(parts[:-1]) + "." if len(parts) > 1 else "", "command line")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: Config | None = None
-                ) -> Config:
-    """`base` (default: the defaults), then the YAML file, then the dotted overrides; every key checked."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: Config | None = None,
+                saved: bool = False) -> Config:
+    """`base` (default: the defaults), then the YAML file, then the dotted overrides; every key checked. A `saved`
+    file is a run's or bundle's own config.yaml: retired keys in it are upgraded with a warning instead of refused,
+    so runs and bundles made before a rename still resume, evaluate and serve."""
     cfg = copy.deepcopy(base) if base is not None else Config()
     if path is not None:
         path = Path(path)
@@ -268,6 +271,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                              mark.line + 1 if mark else None) from None
         except YAML_ERRORS as e:
             raise InputError(f"invalid YAML value ({e.__class__.__name__})", path) from None
+        if saved and isinstance(data, dict):
+            changes = upgrade_retired(data)
+            if changes:
+                print(f"warning: {path}: written before a config change, read as: {'; '.join(changes)}",
+                      file=sys.stderr)
         retired = retired_in_file(data)
         if retired:
             raise InputError(retired, path)

@@ -77,6 +77,28 @@ def retired_in_file(data: Any) -> str | None:
         (["rename " + ", ".join(renamed)] if renamed else []) + (["delete " + ", ".join(removed)] if removed else []))
 
 
+def upgrade_retired(data: dict) -> list[str]:
+    """Rewrite a run's or bundle's own saved config (written before a key was retired) in place: renamed keys take
+    their new name, removed keys (never read) go. The old LLM batch size also sized the LLM teacher cache's batches,
+    so it carries over to distill.cache_users_per_batch. Returns what changed, for one warning line."""
+    changes = []
+    for dotted in [f"{s}.{k}" for s, keys in data.items() if isinstance(keys, dict) for k in keys]:
+        if dotted not in RETIRED:
+            continue
+        section, name = dotted.split(".")
+        value = data[section].pop(name)
+        new = RETIRED[dotted][0]
+        if new is not None:
+            new_section, new_name = new.split(".")
+            data.setdefault(new_section, {}).setdefault(new_name, value)
+            changes.append(f"{dotted} -> {new}")
+        else:
+            changes.append(f"{dotted} dropped")
+        if dotted == "llm_train.batch_size" and isinstance(data.get("distill"), dict):
+            data["distill"].setdefault("cache_users_per_batch", value)
+    return changes
+
+
 # a YAML tag or date-like scalar that cannot be built raises these from inside yaml's constructors
 YAML_ERRORS = (yaml.YAMLError, ValueError, TypeError, KeyError, OverflowError, RecursionError)
 

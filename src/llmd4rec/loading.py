@@ -45,7 +45,7 @@ def check_reused_runs(cfg: Config) -> None:
         found = run_kind(path) if (path / "run.json").is_file() else kind
         if found != kind:
             raise InputError(f"{key} must be a '{kind}' run, this folder holds a '{found}' run", path)
-        wrong = shape_mismatches(cfg, load_config(path / "config.yaml"), sections)
+        wrong = shape_mismatches(cfg, load_config(path / "config.yaml", saved=True), sections)
         if wrong:
             raise InputError(f"{key} was trained on other data or model shapes ({'; '.join(wrong)})", path)
 
@@ -182,7 +182,7 @@ def load_run(run_dir: str | Path, overrides: list[str] | None = None, device: st
         raise InputError(f"unknown run kind '{kind}'", run_dir / "run.json")
     if kind in RUN_MODEL and which not in (None, RUN_MODEL[kind]):
         raise InputError(f"a '{kind}' run has no {which} model; it holds its {RUN_MODEL[kind]}", run_dir)
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    cfg = load_config(run_dir / "config.yaml", overrides, saved=True)
     dev = pick_device(device or cfg.device)
     dataset, split = load_data(cfg)
     if kind == "sasrec":

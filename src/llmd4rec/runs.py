@@ -55,7 +55,7 @@ def resume_config(run_dir: str | Path, config_path: str | None = None, overrides
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise InputError("not a run folder (no config.yaml)", run_dir)
-    saved = load_config(path)
+    saved = load_config(path, saved=True)
     cfg = load_config(config_path, overrides, base=saved)
     resume_changes(saved, cfg)
     return cfg
@@ -125,7 +125,7 @@ def _make_run_dir(cfg: Config, kind: str, resume: str | None = None) -> Path:
             raise InputError(f"run folder is not writable ({e.strerror})", path) from None
         if found is None:
             atomic_write_json(path / "run.json", {"kind": kind})
-        changes = resume_changes(load_config(path / "config.yaml"), cfg)
+        changes = resume_changes(load_config(path / "config.yaml", saved=True), cfg)
         if changes:
             save_config(cfg, path / "config.yaml", config_history(path / "config.yaml") + [resumed_line(changes)])
         return path

@@ -43,7 +43,7 @@ def _load_model(path: Path, info: dict[str, Any]):
     from .config import load_config
     from .loading import build_llm, crm_from_weights
 
-    cfg = load_config(path / "config.yaml")
+    cfg = load_config(path / "config.yaml", saved=True)
     weights = load_tensors(path / "model.safetensors", expected_sha256=info["files"]["model.safetensors"])
     check_finite(weights, path / "model.safetensors")
     if info["kind"] == "crm":

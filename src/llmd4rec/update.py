@@ -104,7 +104,7 @@ def update_bundle(bundle: str | Path, events: str | Path, out: str | Path | None
     if old.info["kind"] != "crm":
         raise InputError("update continues SASRec bundles only; export the CRM (--model crm)", source)
     target, version = _target(root, Path(out) if out is not None else None)
-    cfg = load_config(source / "config.yaml", overrides)
+    cfg = load_config(source / "config.yaml", overrides, saved=True)
     _check(cfg)
     seed_everything(cfg.seed)
     if not Path(events).is_file():

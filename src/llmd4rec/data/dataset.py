@@ -85,6 +85,13 @@ def pad_left(histories: list[list[int]], max_len: int | None = None) -> torch.Te
     return torch.from_numpy(out)
 
 
+def padding_start(histories: torch.Tensor) -> int:
+    """The first column that holds an item in some row (the last column if none does): the columns before it are
+    padding everywhere and can be dropped exactly, since positions count back from the latest item."""
+    used = (histories != 0).any(0).nonzero()
+    return int(used[0, 0]) if len(used) else histories.shape[1] - 1
+
+
 def all_positions(train: list[list[int]], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One row per user: inputs seq[:-1] and next-item targets seq[1:], both left-padded to max_len."""
     rows = [s[-(max_len + 1):] for s in train if len(s) >= 2]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import E4SRecConfig
+from ..data.dataset import padding_start
 from ..errors import InputError
 from .backbone import LLM_EXTRA, load_backbone
 from .chunked import chunked_cross_entropy
@@ -124,17 +125,12 @@ class E4SRec(nn.Module):
         cache.batch_repeat_interleave(batch)
         return cache
 
-    @staticmethod
-    def _trim(histories: torch.Tensor) -> torch.Tensor:
-        """Drop leading columns that are padding in every row (exact: padding is masked anyway); keep one."""
-        used = (histories != 0).any(0).nonzero()
-        return histories[:, int(used[0]) if len(used) else -1:]
-
     # ---- the scorer protocol ----
 
     def encode(self, histories: torch.Tensor, share_prefix: bool | None = None) -> torch.Tensor:
         """Last hidden state [B, D] for left-padded histories [B, L] (the latest max_len items are used)."""
-        histories = self._trim(histories[:, -self.max_len:])
+        histories = histories[:, -self.max_len:]
+        histories = histories[:, padding_start(histories):]  # exact: padding is masked anyway
         share = self.cfg.share_prefix if share_prefix is None else share_prefix
         return (self._encode_shared if share else self._encode_plain)(histories)
 

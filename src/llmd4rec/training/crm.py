@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..config import Config, CRMTrainConfig
-from ..data.dataset import Split, all_positions
+from ..data.dataset import Split, all_positions, padding_start
 from ..distributed import evaluate_split
 from ..evaluation import metric_key
 from ..models.bf16 import bf16_cross_entropy, bf16_scores
@@ -21,13 +21,6 @@ from ..models.chunked import chunked_cross_entropy
 from ..models.sasrec import SASRec
 from .checkpoint import load_weights, optimizer_tensors
 from .phase import KDHook, PhaseState, check_loss, run_phase
-
-
-def trim_padding(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop columns that are padding in every row: exact, since positions count back from the latest item."""
-    used = (x > 0).any(0).nonzero()
-    start = int(used[0, 0]) if len(used) else x.shape[1] - 1
-    return x[:, start:], y[:, start:]
 
 
 def rec_loss(model: SASRec, h: torch.Tensor, targets: torch.Tensor, cfg: CRMTrainConfig,
@@ -137,7 +130,9 @@ class CRMTrainer:
                 lo, hi = distributed.shard(counts)
                 shard = (int(counts[:lo].sum()), int(counts.sum()))
                 rows = rows[lo:hi]
-            x, y = trim_padding(self.inputs[rows], targets[rows])
+            x, y = self.inputs[rows], targets[rows]
+            start = padding_start(x)
+            x, y = x[:, start:], y[:, start:]
             x, y = x.to(self.device), y.to(self.device)
             valid = y > 0
             n_valid = int(valid.sum())
