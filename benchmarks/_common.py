@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -131,14 +132,30 @@ def builds_on(*run_dirs: str | os.PathLike | None) -> list[dict]:
     return out
 
 
-def recipe_args(doc: str) -> argparse.Namespace:
-    """--config, --name, --resume and dotted overrides: the command line of train_crm.py and train_llm.py."""
+def recipe_args(doc: str, seeds: bool = False) -> argparse.Namespace:
+    """--config, --name, --resume (and --seeds) and dotted overrides: the command line of train_crm.py and
+    train_llm.py."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--name", required=True, help="result file benchmarks/results/NAME.json")
     p.add_argument("--resume", help="continue a stopped benchmark run folder")
+    if seeds:
+        p.add_argument("--seeds", type=int, default=1,
+                       help="train under this many seeds (the configured one, then seed=k crm_train.seed=k for "
+                            "k = 1..N-1): metrics are the mean, with the sample std beside them")
     p.add_argument("overrides", nargs="*")
     return p.parse_args()
+
+
+def mean_std(runs: list[dict]) -> dict:
+    """Mean of each metric over seeds, with the sample standard deviation under `std`."""
+    out: dict = {"seeds": len(runs), "std": {}}
+    for split in ("valid", "test"):
+        keys = runs[0][split]
+        out[split] = {k: statistics.fmean(r[split][k] for r in runs) for k in keys}
+        out["std"][split] = {k: statistics.stdev([r[split][k] for r in runs]) if len(runs) > 1 else 0.0
+                             for k in keys}
+    return out
 
 
 RESULT_HELP = "result file: NAME (benchmarks/results/NAME.json) or a path ending in .json"

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import builds_on, header, write_result  # noqa: E402
+from _common import builds_on, header, mean_std, write_result  # noqa: E402
 
 from llmd4rec.config import config_to_dict, load_config  # noqa: E402
 from llmd4rec.loading import load_distilled, load_run  # noqa: E402
@@ -44,19 +44,6 @@ ABLATIONS = {
     "control_text_self": UPWARD_ONCE + ["distill.teacher=self", "crm.text_init=true"],  # from control_text_init
 }
 CONTROLS = [k for k in ABLATIONS if k.startswith("control_")]
-
-
-def mean_std(runs: list[dict]) -> dict:
-    """Mean of each metric over seeds, with the sample standard deviation under `std`."""
-    import statistics
-
-    out: dict = {"seeds": len(runs), "std": {}}
-    for split in ("valid", "test"):
-        keys = runs[0][split]
-        out[split] = {k: statistics.fmean(r[split][k] for r in runs) for k in keys}
-        out["std"][split] = {k: statistics.stdev([r[split][k] for r in runs]) if len(runs) > 1 else 0.0
-                             for k in keys}
-    return out
 
 
 def phase_validation(run_dir: Path) -> dict:

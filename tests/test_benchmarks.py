@@ -179,3 +179,17 @@ def test_readme_prose_holds_no_hand_typed_figures():
     prose = re.sub(r"<!-- table:\w+ -->.*?<!-- /table -->", "", text, flags=re.S)
     prose = re.sub(r"```.*?```", "", prose, flags=re.S)
     assert re.findall(r"\b0\.0\d+|\b\d+(?:\.\d+)? (?:s|min|minutes|seconds) per epoch", prose) == []
+
+
+def test_train_crm_seeds_records_each_run_and_their_spread(tmp_path):
+    """--seeds 2: two runs under different seeds, `metrics` their mean and `std` their sample deviation."""
+    data, results = tiny_beauty(tmp_path / "data"), tmp_path / "results"
+    done = run(["benchmarks/train_crm.py", "--config", "configs/sasrec/beauty.yaml", "--name", "seeds", "--seeds", "2",
+                f"data.data_dir={data}", f"run_dir={tmp_path / 'runs'}", "crm.hidden=16", "crm_train.epochs=2",
+                "device=cpu"], results)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads((results / "seeds.json").read_text())
+    a, b = (out["rows"][k]["metrics"]["test"]["NDCG@10"] for k in ("seed_0", "seed_1"))
+    assert a != b and out["seeds"] == 2 and len(set(out["made_runs"])) == 2
+    assert out["metrics"]["test"]["NDCG@10"] == pytest.approx((a + b) / 2)
+    assert out["std"]["test"]["NDCG@10"] == pytest.approx(abs(a - b) / 2 ** 0.5)
