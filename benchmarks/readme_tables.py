@@ -169,6 +169,14 @@ def sasrec_notes() -> str:
     if bce:
         out.append(f"- The original one-negative BCE objective, same model and protocol, reaches "
                    f"{_ndcg(bce) / _ndcg(ce):.0%} of its test NDCG@10.")
+    for dataset in ("beauty", "toys"):
+        seeds = _load(f"sasrec_{dataset}_seeds")
+        if seeds and seeds.get("seeds", 1) > 1:
+            m, sd = seeds["metrics"]["test"], seeds["std"]["test"]
+            out.append(f"- Seed noise, {dataset.capitalize()} SASRec over {seeds['seeds']} seeds "
+                       f"(`sasrec_{dataset}_seeds.json`): test NDCG@10 {_f(m['NDCG@10'])} ± {_f(sd['NDCG@10'])}, "
+                       f"HR@10 {_f(m['HR@10'])} ± {_f(sd['HR@10'])} (mean ± sample std); a gain is claimed only "
+                       f"above mean + 2 std, NDCG@10 {_f(m['NDCG@10'] + 2 * sd['NDCG@10'])}.")
     return "\n".join(out)
 
 
