@@ -64,7 +64,6 @@ def cosine_with_warmup(opt: torch.optim.Optimizer, warmup: int, total: int) -> t
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-
 class LLMTrainer:
     """E4SRec's epoch: batches of whole users, cross-entropy (plus a KD term) over their prefixes, AdamW with a
     warm-up/cosine schedule, gradient accumulation, and a `last` checkpoint every `save_every` batches.
@@ -85,10 +84,6 @@ class LLMTrainer:
                 raise InputError("distillation runs with DDP: launch distill without FSDP or DeepSpeed")
             if self.fsdp and self.zero:
                 raise InputError("FSDP and DeepSpeed ZeRO both asked for: choose one")
-        if tc.loss not in ("ce", "ce_chunked"):
-            raise InputError(f"llm_train.loss must be ce or ce_chunked, got '{tc.loss}'")
-        if tc.item_chunk < 1:
-            raise InputError(f"llm_train.item_chunk must be at least 1, got {tc.item_chunk}")
         self.chunked = tc.loss == "ce_chunked" and kd is None  # distillation needs the full logits for its KL terms
         if self.fsdp:
             distributed.shard_model(model)  # before the optimizer: it must hold the sharded parameters
