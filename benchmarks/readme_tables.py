@@ -272,6 +272,43 @@ def precision_table() -> str:
     return "\n".join(out)
 
 
+def precision_probe_table() -> str:
+    r = _load("precision_probe")
+    if r is None:
+        return "`precision_probe.json` not run yet."
+    units = r["machine"]["bf16_units"]
+    flops, step = r["rows"]["matmul_4096x576x1536"]["gflops"], r["rows"]["sasrec_step"]
+    out = ["| precision | matmul [4096x576]@[576x1536] GFLOPS | SASRec step on Beauty, s | epoch estimate, s |",
+           "|---|---|---|---|"]
+    for p in ("float32", "bfloat16"):
+        out.append(f"| {p} | {_f(flops[p], 1)} | {_f(step[p]['seconds_per_step'], 3)} | "
+                   f"{_f(step[p]['epoch_seconds_estimate'], 0)} |")
+    out.append(f"
+{r['machine']['cpu_model']} (AMX tiles: {'yes' if units['amx_tile'] else 'no'}, AVX-512 BF16: "
+               f"{'yes' if units['avx512_bf16'] else 'no'}): `auto` resolves to {r['auto_resolves_to']}; "
+               f"bfloat16 / float32 step time {_f(r['bf16_over_float32_step_time'], 2)} ({_load_note(r)}).")
+    return "\n".join(out)
+
+
+def teacher_table(name: str) -> str:
+    r = _load(name)
+    if r is None:
+        return f"`{name}.json` not run yet."
+    out = ["| model | valid NDCG@10 | test HR@10 | test NDCG@10 | test NDCG@20 | head / tail test NDCG@10 | "
+           "ranks the test target better / worse than SASRec | train s |", "|---|---|---|---|---|---|---|---|"]
+    for row, v in r["rows"].items():
+        vs = v.get("vs_SASRec")
+        share = f"{100 * vs['better']:.1f}% / {100 * vs['worse']:.1f}%" if vs else ""
+        out.append(f"| {row} | {_f(v['valid']['NDCG@10'])} | {_f(v['test']['HR@10'])} | {_f(v['test']['NDCG@10'])} | "
+                   f"{_f(v['test']['NDCG@20'])} | {_f(v['head']['NDCG@10'])} / {_f(v['tail']['NDCG@10'])} | "
+                   f"{share} | {_f(v['train_seconds'], 0)} |")
+    out.append(f"
+Backbone {r['backbone']}, keep_layers={r['keep_layers']}; head: the top "
+               f"{100 * r['head_share_of_items']:.0f}% of items by training interactions ({_load_note(r)}). "
+               f"Command: `{r['command']}`")
+    return "\n".join(out)
+
+
 def text_choice_table() -> str:
     out = ["| dataset | fields / pooling | valid NDCG@10 | test NDCG@10 | seconds to read all items |",
            "|---|---|---|---|---|"]
@@ -346,6 +383,8 @@ TABLES = {
     "llmd4rec_ml100k": lambda: distill_table("llmd4rec_ml100k_cpu"),
     "llmd4rec_ml100k_notes": lambda: controls_notes("llmd4rec_ml100k_cpu"),
     "sasrec_bf16": precision_table,
+    "precision_probe": precision_probe_table,
+    "teacher_ml100k": lambda: teacher_table("e4srec_text_ml100k_cpu"),
     "upward_sweep": sweep_table,
     "text_choice": text_choice_table,
     "provenance": provenance_table,

@@ -52,14 +52,26 @@ def crm(config: str, name: str, estimate_s: int) -> Step:
                 (name,), estimate_s=estimate_s, resumes_run=True)
 
 
-TEACHER = "waits for a text-aware teacher that trains here: see the open teacher issue"
+TEACHER = ("waits for a distillation preset whose teacher is chosen from e4srec_text_toys_cpu.json (the teacher "
+           "comparison of the same budget)")
 UPWARD_VARIANTS = ("--variant", "distill.upward_init=continue distill.upward_lr=0.0001 distill.t2=0.2",
                    "--variant", "distill.upward_init=continue distill.upward_lr=0.0001 distill.t2=1.0",
                    "--variant", "distill.upward_init=scratch distill.t2=0.2",
                    "--variant", "distill.upward_init=scratch distill.t2=1.0",
                    "--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=ensemble")
 
+def teacher(dataset: str, sasrec_step: str | None, estimate_s: int) -> Step:
+    """benchmarks/teacher_compare.py on a dataset: SASRec (the given step's run, else its own), text-initialised
+    SASRec, ID-only E4SRec and E4SRec reading item text."""
+    name = f"e4srec_text_{dataset}_cpu"
+    crm_run = ("--crm-run", f"{{ref:{sasrec_step}.run_dir}}") if sasrec_step else ()
+    return Step("teacher_compare.py", ("--config", f"configs/e4srec/{dataset}_text_cpu.yaml", "--name", name,
+                                       "--runs", "{runs}", *crm_run, "data.data_dir={data}"), (name,),
+                needs=(sasrec_step,) if sasrec_step else (), estimate_s=estimate_s)
+
+
 STEPS: dict[str, Step] = {
+    "precision_probe": Step("precision_probe.py", ("--data-dir", "{data}"), ("precision_probe",), estimate_s=60),
     "mostpop": Step("mostpop.py", ("--dataset", "beauty", "--data-dir", "{data}"), ("mostpop_beauty",),
                     estimate_s=60),
     "sasrec_beauty": crm("configs/sasrec/beauty.yaml", "sasrec_beauty", 1700),
@@ -96,10 +108,9 @@ STEPS: dict[str, Step] = {
                                                "e4srec_beauty_cpu", "crm_run={ref:sasrec_beauty.run_dir}",
                                                "data.data_dir={data}", "run_dir={runs}"),
                               ("e4srec_beauty_cpu",), needs=("sasrec_beauty",), estimate_s=400, resumes_run=True),
-    "e4srec_text_beauty_cpu": Step("train_llm.py", (), ("e4srec_text_beauty_cpu",), needs=("sasrec_beauty",),
-                                   estimate_s=600, resumes_run=True, pending=TEACHER),
-    "e4srec_text_toys_cpu": Step("train_llm.py", (), ("e4srec_text_toys_cpu",), needs=("sasrec_toys",),
-                                 estimate_s=600, resumes_run=True, pending=TEACHER),
+    "e4srec_text_ml100k_cpu": teacher("ml100k", None, 3000),
+    "e4srec_text_beauty_cpu": teacher("beauty", "sasrec_beauty", 14400),
+    "e4srec_text_toys_cpu": teacher("toys", "sasrec_toys", 14400),
     "llmd4rec_beauty_cpu": Step("distill_suite.py", (
         "--config", "configs/llmd4rec/beauty_cpu.yaml", "--name", "llmd4rec_beauty_cpu", "--runs", "{runs}",
         "--crm-run", "{ref:sasrec_beauty.run_dir}", "--llm-run", "{ref:e4srec_beauty_cpu.run_dir}",

@@ -193,3 +193,35 @@ def test_train_crm_seeds_records_each_run_and_their_spread(tmp_path):
     assert a != b and out["seeds"] == 2 and len(set(out["made_runs"])) == 2
     assert out["metrics"]["test"]["NDCG@10"] == pytest.approx((a + b) / 2)
     assert out["std"]["test"]["NDCG@10"] == pytest.approx(abs(a - b) / 2 ** 0.5)
+
+
+def test_teacher_compare_trains_four_rows_on_one_budget_and_compares_them_to_sasrec(tmp_path, monkeypatch):
+    """SASRec, text-initialised SASRec, ID-only and text E4SRec on the synthetic data with a tiny backbone: each row's
+    metrics are its run's, head and tail users partition the test users, the better/equal/worse shares add to 1, and
+    the text E4SRec really reads text while the ID-only one does not."""
+    pytest.importorskip("peft")
+    from llmd4rec.testing import save_tiny_backbone
+
+    backbone = save_tiny_backbone(tmp_path / "tiny")
+    results = tmp_path / "results"
+    monkeypatch.setenv("LLMD4REC_CACHE", str(tmp_path / "cache"))  # the text embeddings' cache
+    done = run(["benchmarks/teacher_compare.py", "--config", "configs/sasrec/synthetic.yaml", "--name", "teach",
+                "--runs", str(tmp_path / "runs"), "data.synthetic_users=60", "data.synthetic_items=40",
+                "crm.hidden=16", "crm.max_len=10", "llm.max_len=10", f"llm.backbone={backbone}",
+                f"text.backbone={backbone}", "crm_train.epochs=2", "llm_train.epochs=1",
+                "llm_train.max_targets_per_user=4", "llm_train.warmup_steps=2", "device=cpu"], results)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads((results / "teach.json").read_text())
+    assert list(out["rows"]) == ["SASRec", "SASRec_text_init", "E4SRec", "E4SRec_text"]
+    users = 60
+    for row, v in out["rows"].items():
+        saved = json.loads((Path(out["runs"][row]) / "results.json").read_text())
+        assert v["test"] == saved["test"] and v["valid"] == saved["valid"] and v["train_seconds"] > 0
+        assert v["head"]["users"] + v["tail"]["users"] == users
+        if row != "SASRec":
+            assert sum(v["vs_SASRec"].values()) == pytest.approx(1.0)
+    configs = {row: (Path(out["runs"][row]) / "config.yaml").read_text() for row in out["runs"]}
+    assert "item_text: true" in configs["E4SRec_text"] and "item_text: false" in configs["E4SRec"]
+    assert "text_init: true" in configs["SASRec_text_init"]
+    assert (Path(out["runs"]["E4SRec_text"]) / "llm" / "text_table.safetensors").exists()
+    assert out["metrics"]["test"] == out["rows"]["E4SRec_text"]["test"]

@@ -38,6 +38,8 @@ def test_train_evaluate_and_plot_a_run(tmp_path, capsys):
     assert (run / "curves.png").stat().st_size > 1000
     saved = (run / "config.yaml").read_text()
     assert "synthetic_users: 200" in saved and "epochs: 2" in saved
+    from llmd4rec.precision import resolve
+    assert f"precision: {resolve('auto', 'cpu')}" in saved  # the saved config says what ran, never "auto"
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -75,8 +75,9 @@ class CRMTrainConfig:
     loss: Literal["ce", "ce_chunked", "sampled_ce", "bce"] = "ce"
     n_negatives: int = key(256, min=1)  # sampled_ce
     item_chunk: int = key(65536, min=1)  # ce_chunked: items per chunk, so memory stays positions x item_chunk floats
-    # the item-score matmuls of the training loss (models/bf16.py)
-    precision: Literal["float32", "bfloat16"] = "bfloat16"
+    # the item-score matmuls of the training loss (models/bf16.py); auto: bfloat16 where the hardware has it.
+    # A resumed run may change it, as it may change the device (recorded in its config.yaml)
+    precision: Literal["auto", "float32", "bfloat16"] = key("auto", resume="any")
     patience: int = key(10, min=1, resume="grow")
     eval_every: int = key(1, min=1)
     grad_clip: float = key(5.0, min=0)  # 0: no clipping
@@ -137,7 +138,8 @@ class TextConfig:
     pooling: Literal["mean", "last"] = "mean"
     max_tokens: int = key(64, min=1)  # longer texts are cut
     texts_per_batch: int = key(32, min=1)
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # the backbone's compute dtype while reading
+    # the backbone's compute dtype while reading; auto: bfloat16 where the hardware has it (precision.py)
+    dtype: Literal["auto", "float32", "bfloat16"] = key("auto", resume="any")
 
 
 @dataclass

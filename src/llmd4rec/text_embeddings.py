@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from .data.registry import cache_dir
 from .data.text import ID_FIELDS, item_strings
 from .errors import InputError
 from .io import load_tensors, save_tensors
+from .precision import resolve
 
 
 def text_fields(cfg: TextConfig, dataset: Dataset) -> list[str]:
@@ -51,6 +53,7 @@ def encode_texts(texts: list[str], cfg: TextConfig, device: torch.device | str =
 
     from .models.backbone import load_backbone
 
+    cfg = replace(cfg, dtype=resolve(cfg.dtype, device))
     if backbone is None:
         backbone, tokenizer = load_backbone(cfg.backbone, None, cfg.dtype)
     decoder = backbone.get_decoder().to(device).eval()
@@ -87,7 +90,7 @@ def encode_item_text(cfg: Config, dataset: Dataset, device: torch.device | str =
     read from the cache when the same backbone already read the same strings the same way."""
     strings = item_strings(dataset, text_fields(cfg.text, dataset))
     key = json.dumps({"backbone": cfg.text.backbone, "identity": _backbone_identity(cfg.text.backbone),
-                      "dtype": cfg.text.dtype, "pooling": cfg.text.pooling, "max_tokens": cfg.text.max_tokens,
+                      "dtype": resolve(cfg.text.dtype, device), "pooling": cfg.text.pooling, "max_tokens": cfg.text.max_tokens,
                       "strings": hashlib.sha256("\n".join(strings).encode()).hexdigest()}, sort_keys=True)
     path = cache_dir() / "text" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
     if path.exists():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
+from .. import distributed, precision
 from ..config import Config
 from ..data.dataset import Split
 from ..errors import InputError
@@ -79,6 +79,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
     with distributed.session(cfg.device) as device:
         with distributed.main_first():  # bad data makes no run folder
             dataset, split = load_data(cfg)
+        cfg = precision.resolve_config(cfg, device)
         run_dir = distributed.on_main(lambda: make_run_dir(cfg, "llmd4rec", resume))
         seed_everything(cfg.seed)
         n = dataset.n_items

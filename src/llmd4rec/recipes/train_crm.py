@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .. import distributed
+from .. import distributed, precision
 from ..config import Config
 from ..evaluation import metric_keys
 from ..loading import load_data
@@ -21,6 +21,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
     with distributed.session(cfg.device) as device:
         with distributed.main_first():  # one download, the others read the files; bad data makes no run folder
             dataset, split = load_data(cfg)
+        cfg = precision.resolve_config(cfg, device)
         run_dir = distributed.on_main(lambda: make_run_dir(cfg, "sasrec", resume))
         seed_everything(cfg.seed)
         model = SASRec(dataset.n_items, cfg.crm).to(device)

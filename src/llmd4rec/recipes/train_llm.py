@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
+from .. import distributed, precision
 from ..config import Config
 from ..errors import InputError
 from ..evaluation import metric_keys
@@ -27,6 +27,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
     with distributed.session(cfg.device, shards=True, group=distributed.zero_stage(cfg.llm_train) > 0) as device:
         with distributed.main_first():  # one download, the others read the files; bad data makes no run folder
             dataset, split = load_data(cfg)
+        cfg = precision.resolve_config(cfg, device)
         run_dir = distributed.on_main(lambda: make_run_dir(cfg, "e4srec", resume))
         seed_everything(cfg.seed)
         table_path = run_dir / "llm" / "item_table.safetensors"

@@ -19,6 +19,7 @@ from ..evaluation import metric_key
 from ..models.bf16 import bf16_cross_entropy, bf16_scores
 from ..models.chunked import chunked_cross_entropy
 from ..models.sasrec import SASRec
+from ..precision import resolve
 from .checkpoint import load_weights, optimizer_tensors
 from .phase import KDHook, PhaseState, check_loss, run_phase
 
@@ -37,7 +38,7 @@ def rec_loss(model: SASRec, h: torch.Tensor, targets: torch.Tensor, cfg: CRMTrai
     """
     w = model.output_weight
     reduction, total = ("sum", shard[1]) if shard else ("mean", 1)
-    bf16 = cfg.precision == "bfloat16"
+    bf16 = resolve(cfg.precision, h.device) == "bfloat16"
     if cfg.loss == "ce" and bf16 and not want_logits:
         per_position = bf16_cross_entropy(h, w, None, targets)
         return (per_position.sum() / total if shard else per_position.mean()), None
@@ -140,7 +141,7 @@ class CRMTrainer:
             loss, logits = rec_loss(model, h, y[valid], tc, self.gen, shard, want_logits=kd is not None)
             if kd is not None and n_valid:
                 if logits is None:
-                    logits = score_logits(h, model.output_weight, tc.precision == "bfloat16")
+                    logits = score_logits(h, model.output_weight, resolve(tc.precision, h.device) == "bfloat16")
                 r, c = (targets[rows] > 0).nonzero(as_tuple=True)  # same row-major order as `valid`
                 kd_loss = kd(rows[r], c, logits, y[valid])  # a mean over this rank's positions
                 loss = loss + (kd_loss * (n_valid / shard[1]) if shard else kd_loss)
