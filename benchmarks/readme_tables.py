@@ -283,8 +283,7 @@ def precision_probe_table() -> str:
     for p in ("float32", "bfloat16"):
         out.append(f"| {p} | {_f(flops[p], 1)} | {_f(step[p]['seconds_per_step'], 3)} | "
                    f"{_f(step[p]['epoch_seconds_estimate'], 0)} |")
-    out.append(f"
-{r['machine']['cpu_model']} (AMX tiles: {'yes' if units['amx_tile'] else 'no'}, AVX-512 BF16: "
+    out.append(f"\n{r['machine']['cpu_model']} (AMX tiles: {'yes' if units['amx_tile'] else 'no'}, AVX-512 BF16: "
                f"{'yes' if units['avx512_bf16'] else 'no'}): `auto` resolves to {r['auto_resolves_to']}; "
                f"bfloat16 / float32 step time {_f(r['bf16_over_float32_step_time'], 2)} ({_load_note(r)}).")
     return "\n".join(out)
@@ -302,8 +301,7 @@ def teacher_table(name: str) -> str:
         out.append(f"| {row} | {_f(v['valid']['NDCG@10'])} | {_f(v['test']['HR@10'])} | {_f(v['test']['NDCG@10'])} | "
                    f"{_f(v['test']['NDCG@20'])} | {_f(v['head']['NDCG@10'])} / {_f(v['tail']['NDCG@10'])} | "
                    f"{share} | {_f(v['train_seconds'], 0)} |")
-    out.append(f"
-Backbone {r['backbone']}, keep_layers={r['keep_layers']}; head: the top "
+    out.append(f"\nBackbone {r['backbone']}, keep_layers={r['keep_layers']}; head: the top "
                f"{100 * r['head_share_of_items']:.0f}% of items by training interactions ({_load_note(r)}). "
                f"Command: `{r['command']}`")
     return "\n".join(out)

@@ -1,10 +1,9 @@
 """`auto` precision: bfloat16 only where the hardware multiplies it natively, float32 everywhere else.
 
 bfloat16 score matmuls run many times faster than float32 on CPUs with AMX or AVX-512 BF16 units and on recent
-GPUs, but a CPU without them (AVX2 only) emulates bfloat16 and the same matmul runs far slower: measured on such a
-CPU (2 threads), [4096x576]@[576x1536] at 35 GFLOPS in float32 and 1.2 in bfloat16, and a SASRec step on Beauty
-0.24 s in float32 against 1.27 s with bfloat16 scores. No preset can fix one precision for every machine, so the
-defaults ask for `auto` and each run's saved config.yaml records what it resolved to.
+GPUs, but a CPU without them (AVX2 only) emulates bfloat16 and the same matmuls run far slower
+(benchmarks/precision_probe.py measures both on a machine). No preset can fix one precision for every machine, so
+the defaults ask for `auto` and each run's saved config.yaml records what it resolved to.
 """
 
 from __future__ import annotations
