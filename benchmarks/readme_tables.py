@@ -383,6 +383,8 @@ TABLES = {
     "sasrec_bf16": precision_table,
     "precision_probe": precision_probe_table,
     "teacher_ml100k": lambda: teacher_table("e4srec_text_ml100k_cpu"),
+    "llmd4rec_ml100k_deep": lambda: distill_table("llmd4rec_ml100k_deep_cpu"),
+    "llmd4rec_ml100k_deep_notes": lambda: controls_notes("llmd4rec_ml100k_deep_cpu"),
     "upward_sweep": sweep_table,
     "text_choice": text_choice_table,
     "provenance": provenance_table,
