@@ -53,6 +53,9 @@ def git_state() -> tuple[str | None, bool | None]:
     return commit, bool(status)
 
 
+git_state()  # asked as the benchmark starts: a commit made while it runs is not the code it ran
+
+
 @functools.lru_cache(maxsize=None)
 def same_code(commit: str | None) -> bool:
     """Whether `commit` holds the same code as the working tree now (result files and generated pages aside)."""

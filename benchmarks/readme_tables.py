@@ -322,10 +322,10 @@ def text_choice_table() -> str:
     return "\n".join(out)
 
 
-def sweep_table() -> str:
-    r = _load("upward_sweep_ml100k")
+def sweep_table(name: str) -> str:
+    r = _load(name)
     if r is None:
-        return "`upward_sweep_ml100k.json` not run yet."
+        return f"`{name}.json` not run yet."
     out = ["| upward phase (teacher: the undistilled E4SRec) | best valid NDCG@10 | its test NDCG@10 | best epoch |",
            "|---|---|---|---|",
            f"| start: SASRec (not trained further) | {_f(r['start']['valid']['NDCG@10'])} | "
@@ -383,7 +383,10 @@ TABLES = {
     "sasrec_bf16": precision_table,
     "precision_probe": precision_probe_table,
     "teacher_ml100k": lambda: teacher_table("e4srec_text_ml100k_cpu"),
-    "upward_sweep": sweep_table,
+    "llmd4rec_ml100k_deep": lambda: distill_table("llmd4rec_ml100k_deep_cpu"),
+    "llmd4rec_ml100k_deep_notes": lambda: controls_notes("llmd4rec_ml100k_deep_cpu"),
+    "upward_sweep": lambda: sweep_table("upward_sweep_ml100k"),
+    "upward_sweep_deep": lambda: sweep_table("upward_sweep_ml100k_deep"),
     "text_choice": text_choice_table,
     "provenance": provenance_table,
     "run_all": run_all_note,

@@ -58,7 +58,10 @@ UPWARD_VARIANTS = ("--variant", "distill.upward_init=continue distill.upward_lr=
                    "--variant", "distill.upward_init=continue distill.upward_lr=0.0001 distill.t2=1.0",
                    "--variant", "distill.upward_init=scratch distill.t2=0.2",
                    "--variant", "distill.upward_init=scratch distill.t2=1.0",
-                   "--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=ensemble")
+                   "--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=ensemble",
+                   "--variant", "distill.upward_init=scratch distill.t2=1.0 distill.upward_loss=rank",
+                   "--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=ensemble "
+                                "distill.upward_loss=rank")
 
 def teacher(dataset: str, sasrec_step: str | None, estimate_s: int) -> Step:
     """benchmarks/teacher_compare.py on a dataset: SASRec (the given step's run, else its own), text-initialised
@@ -69,6 +72,13 @@ def teacher(dataset: str, sasrec_step: str | None, estimate_s: int) -> Step:
                                        "--runs", "{runs}", *crm_run, "data.data_dir={data}"), (name,),
                 needs=(sasrec_step,) if sasrec_step else (), estimate_s=estimate_s)
 
+DEEP_VARIANTS = ("--variant", "distill.upward_init=continue distill.upward_lr=0.0001 distill.t2=0.2",
+                 "--variant", "distill.upward_init=continue distill.upward_lr=0.0001 distill.t2=1.0",
+                 "--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=llm",
+                 "--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=ensemble",
+                 "--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=llm distill.upward_loss=rank",
+                 "--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=ensemble "
+                              "distill.upward_loss=rank")
 
 STEPS: dict[str, Step] = {
     "precision_probe": Step("precision_probe.py", ("--data-dir", "{data}"), ("precision_probe",), estimate_s=60),
@@ -99,6 +109,17 @@ STEPS: dict[str, Step] = {
         "--seeds", "3", "data.data_dir={data}", "--only", "full", "control_beta0", "control_self",
         "control_text_init", "control_text_self", "upward_only"), ("llmd4rec_ml100k_cpu",),
         needs=("text_embeddings_ml100k",), estimate_s=3600),
+    "upward_sweep_ml100k_deep": Step("upward_sweep.py", (
+        "--config", "configs/llmd4rec/ml100k_deep_cpu.yaml", "--name", "upward_sweep_ml100k_deep", "--runs", "{runs}",
+        "--crm-run", "{ref:e4srec_text_ml100k_cpu.runs.SASRec}",
+        "--llm-run", "{ref:e4srec_text_ml100k_cpu.runs.E4SRec_text}", *DEEP_VARIANTS, "data.data_dir={data}"),
+        ("upward_sweep_ml100k_deep",), needs=("e4srec_text_ml100k_cpu",), estimate_s=1800),
+    "llmd4rec_ml100k_deep_cpu": Step("distill_suite.py", (
+        "--config", "configs/llmd4rec/ml100k_deep_cpu.yaml", "--name", "llmd4rec_ml100k_deep_cpu", "--runs", "{runs}",
+        "--crm-run", "{ref:e4srec_text_ml100k_cpu.runs.SASRec}",
+        "--llm-run", "{ref:e4srec_text_ml100k_cpu.runs.E4SRec_text}", "--seeds", "3", "data.data_dir={data}",
+        "--only", "full", "control_beta0", "control_self", "control_text_init", "control_text_self", "upward_only"),
+        ("llmd4rec_ml100k_deep_cpu",), needs=("e4srec_text_ml100k_cpu", "upward_sweep_ml100k_deep"), estimate_s=2400),
     "upward_sweep_ml100k": Step("upward_sweep.py", (
         "--config", "configs/llmd4rec/ml100k_cpu.yaml", "--name", "upward_sweep_ml100k", "--runs", "{runs}",
         "--crm-run", "{ref:llmd4rec_ml100k_cpu.crm_run}", "--llm-run", "{ref:llmd4rec_ml100k_cpu.llm_run}",

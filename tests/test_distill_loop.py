@@ -79,6 +79,7 @@ def test_ablation_switches(tmp_path, tiny_backbone_dir, extra):
     (["distill.teacher=self", "distill.upward_init=scratch", "distill.keep_start=false"], {"round1-cache-crm"}),
     (["distill.teacher=ensemble", "distill.upward_lr=0.0001"], {"round1-cache-ensemble"}),
     (["distill.beta=0", "distill.keep_start=false"], set()),
+    (["distill.upward_loss=rank", "distill.rank_k=5", "distill.keep_start=false"], {"round1-cache-llm"}),
 ])
 def test_upward_strategies_and_controls(tmp_path, tiny_backbone_dir, extra, caches):
     """Upward only: the teacher (LLM, the two-model ensemble, or the CRM itself), a fresh or continued student, and

@@ -168,6 +168,11 @@ class DistillConfig:
     teacher: Literal["llm", "ensemble", "self"] = "llm"
     # teacher=ensemble: weight of the LLM's log-probabilities against the CRM's
     ensemble_alpha: float = key(0.5, min=0, max=1)
+    # upward KD term: kl (the paper's KL at T2) or rank (the teacher's rank_k best items as weighted soft labels,
+    # DLLM2Rec-style: weights from position, teacher confidence and teacher-student consistency; distill/losses.py)
+    upward_loss: Literal["kl", "rank"] = "kl"
+    rank_k: int = key(10, min=1)
+    rank_lambda: float = key(1.0, gt=0)  # upward_loss=rank: position weight exp(-position / rank_lambda)
 
 
 @dataclass
@@ -212,6 +217,9 @@ def _rule_problems(cfg: Config) -> list[tuple[str, str]]:
     out = []
     if cfg.crm.hidden % cfg.crm.n_heads:
         out.append(("crm.n_heads", f"must divide crm.hidden ({cfg.crm.hidden}), got {cfg.crm.n_heads}"))
+    if cfg.distill.upward_loss == "rank" and cfg.distill.rank_k > cfg.distill.cache_topk:
+        out.append(("distill.rank_k", f"must not exceed distill.cache_topk ({cfg.distill.cache_topk}): the teacher "
+                                      f"cache may keep only that many items per sample, got {cfg.distill.rank_k}"))
     if 10 not in cfg.eval.ks:
         out.append(("eval.ks", f"must include 10 (early stopping and the tables use NDCG@10), got {cfg.eval.ks}"))
     return out

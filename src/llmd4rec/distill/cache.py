@@ -313,6 +313,18 @@ class TeacherCacheReader:
                                        targets)
         return (kl * (T ** 2) if t_squared else kl), ranks
 
+    def top_items(self, rows: torch.Tensor, k: int, device: torch.device | str = "cpu"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's k best items of each row, best first: item ids [b, k] (long) and their max-shifted logits
+        [b, k] (float32). Mode topk holds only the cache's own k best items per row."""
+        r = self._rows(rows)
+        if self.mode == "full":
+            vals, pos = self._get("logits", r, device).float().topk(k, dim=1)
+            return pos + 1, vals
+        if k > self.k:
+            raise ValueError(f"the cache keeps the teacher's {self.k} best items per row, {k} were asked for")
+        return self._get("topk_idx", r, device)[:, :k].long(), self._get("topk_val", r, device)[:, :k].float()
+
     def target_ranks(self, rows: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher's exact 0-based rank of each row's target (`weights.target_ranks`): LongTensor [b].
 

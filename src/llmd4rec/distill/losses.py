@@ -1,5 +1,5 @@
-"""The distillation term of docs/method.md ("The losses"): forward KL(teacher || student) at a temperature, one
-value per sample."""
+"""The distillation terms of docs/method.md ("The losses"), one value per sample: forward KL(teacher || student) at
+a temperature, and the ranking alternative of the upward direction (`rank_distill`)."""
 
 from __future__ import annotations
 
@@ -50,3 +50,33 @@ def kl_from_log_probs(log_pt: torch.Tensor, log_ps: torch.Tensor) -> torch.Tenso
     p_t = log_pt.exp()
     terms = torch.where(p_t > 0, p_t * (log_pt - log_ps), torch.zeros((), device=log_pt.device))
     return terms.sum(dim=-1)
+
+
+def rank_distill(student_logits: torch.Tensor, top_idx: torch.Tensor, top_vals: torch.Tensor, temperature: float,
+                 position_lambda: float) -> torch.Tensor:
+    """Per-sample -sum_k w_k log p_student(i_k) over the teacher's K best items i_1..i_K: shape [S].
+
+    A student trained with a full softmax learns from the teacher's short list as weighted soft labels instead of
+    matching its whole distribution (DLLM2Rec's finding: an LLM teacher's tail is noise to a CRM). The weights sum to
+    1 per sample: the mean of three distributions over the K items, each normalised, namely position exp(-k /
+    position_lambda) (k = 0 for the best), the teacher's confidence softmax(top_vals / temperature), and
+    consistency, uniform over the items that are also in the student's own top K (left out of the mean when there
+    are none). `student_logits` [S, N + 1] in the score_all layout (column 0, padding, takes no mass); `top_idx`
+    [S, K] item ids in 1..N; `top_vals` [S, K] the teacher's logits of those items. Weights carry no gradient.
+    """
+    if top_idx.shape != top_vals.shape or top_idx.shape[0] != student_logits.shape[0]:
+        raise ValueError(f"rank_distill wants top_idx and top_vals [S, K] for student logits [S, N + 1], got "
+                         f"{tuple(top_idx.shape)}, {tuple(top_vals.shape)} and {tuple(student_logits.shape)}")
+    k = top_idx.shape[1]
+    s = _at_least_fp32(student_logits)[:, 1:]
+    log_p = F.log_softmax(s, dim=1).gather(1, top_idx - 1)
+    with torch.no_grad():
+        position = torch.exp(-torch.arange(k, device=s.device, dtype=s.dtype) / position_lambda)
+        position = (position / position.sum()).expand(len(s), k)
+        confidence = F.softmax(_at_least_fp32(top_vals) / temperature, dim=1)
+        own_top = s.topk(min(k, s.shape[1]), dim=1).indices + 1
+        consistent = (top_idx[:, :, None] == own_top[:, None, :]).any(-1).to(s.dtype)
+        n_consistent = consistent.sum(1, keepdim=True)
+        w = position + confidence + consistent / n_consistent.clamp(min=1)
+        w = w / (2 + (n_consistent > 0).to(s.dtype))
+    return -(w * log_p).sum(1)

@@ -13,7 +13,8 @@ from torch import nn
 from ..errors import InputError
 from ..io import read_json
 from .cache import TeacherCache, TeacherCacheReader
-from .weights import weights_crm_to_llm, weights_llm_to_crm
+from .losses import rank_distill
+from .weights import target_ranks, weights_crm_to_llm, weights_llm_to_crm
 
 
 def sample_index(targets: torch.Tensor) -> torch.Tensor:
@@ -120,8 +121,9 @@ def build_cache(path: Path, teacher, kind: str, inputs: torch.Tensor, targets: t
 
 
 def kd_hook(cache: TeacherCacheReader, index: torch.Tensor, scale: float, t_squared: bool, adaptive: bool,
-            student: str):
-    """The KL term of L_LLM (student "llm", weight w1) or L_CRM (student "crm", weight w2), averaged per sample."""
+            student: str, rank: tuple[int, float] | None = None):
+    """The KD term of L_LLM (student "llm", weight w1) or L_CRM (student "crm", weight w2), averaged per sample: the
+    KL at the cache's temperature, or with rank=(K, lambda) `rank_distill` over the teacher's K best items."""
 
     def kd(users: torch.Tensor, cols: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         ids = index[users.cpu(), cols.cpu()].to(logits.device)
@@ -131,14 +133,19 @@ def kd_hook(cache: TeacherCacheReader, index: torch.Tensor, scale: float, t_squa
             return logits.new_zeros(())
         if not bool(covered.all()):  # positions=last_k: only some samples have a teacher row
             ids, logits, targets = ids[covered], logits[covered], targets[covered]
-        kl, r_student = cache.kl_and_student_ranks(logits, ids, targets if adaptive else None, t_squared)
+        if rank is None:
+            term, r_student = cache.kl_and_student_ranks(logits, ids, targets if adaptive else None, t_squared)
+        else:
+            top_idx, top_vals = cache.top_items(ids, rank[0], logits.device)
+            term = rank_distill(logits, top_idx, top_vals, cache.temperature, rank[1])
+            r_student = target_ranks(logits.detach(), targets) if adaptive else None
         if adaptive:
             r_teacher = cache.target_ranks(ids).to(r_student.device)
             if student == "llm":
                 w = weights_crm_to_llm(r_teacher, r_student)
             else:
                 w = weights_llm_to_crm(r_student, r_teacher)
-            kl = kl * w.to(kl.device)
-        return scale * kl.sum() / n
+            term = term * w.to(term.device)
+        return scale * term.sum() / n
 
     return kd

@@ -206,7 +206,8 @@ def _upward(cfg: Config, t: int, crm: SASRec, crm_m: dict, llm, split: Split, da
         with distributed.main_first():
             cache = build_cache(run_dir / f"round{t}-cache-{kind}", teacher, kind, *grid, crm.n_items, d.t2,
                                 d.cache_topk, device, 256 if kind == "crm" else d.cache_users_per_batch)
-        kd = kd_hook(cache, sample_index(grid[1]), d.beta, d.t_squared, d.adaptive_weights, "crm")
+        kd = kd_hook(cache, sample_index(grid[1]), d.beta, d.t_squared, d.adaptive_weights, "crm",
+                     rank=(d.rank_k, d.rank_lambda) if d.upward_loss == "rank" else None)
     start = crm
     if d.upward_init == "scratch":
         torch.manual_seed(cfg.seed + t)
