@@ -112,12 +112,12 @@ STEPS: dict[str, Step] = {
     "upward_sweep_ml100k_deep": Step("upward_sweep.py", (
         "--config", "configs/llmd4rec/ml100k_deep_cpu.yaml", "--name", "upward_sweep_ml100k_deep", "--runs", "{runs}",
         "--crm-run", "{ref:e4srec_text_ml100k_cpu.runs.SASRec}",
-        "--llm-run", "{ref:e4srec_text_ml100k_cpu.runs.E4SRec_text}", *DEEP_VARIANTS, "data.data_dir={data}"),
+        "--llm-run", "{ref:e4srec_text_ml100k_cpu.runs.E4SRec}", *DEEP_VARIANTS, "data.data_dir={data}"),
         ("upward_sweep_ml100k_deep",), needs=("e4srec_text_ml100k_cpu",), estimate_s=1800),
     "llmd4rec_ml100k_deep_cpu": Step("distill_suite.py", (
         "--config", "configs/llmd4rec/ml100k_deep_cpu.yaml", "--name", "llmd4rec_ml100k_deep_cpu", "--runs", "{runs}",
         "--crm-run", "{ref:e4srec_text_ml100k_cpu.runs.SASRec}",
-        "--llm-run", "{ref:e4srec_text_ml100k_cpu.runs.E4SRec_text}", "--seeds", "3", "data.data_dir={data}",
+        "--llm-run", "{ref:e4srec_text_ml100k_cpu.runs.E4SRec}", "--seeds", "3", "data.data_dir={data}",
         "--only", "full", "control_beta0", "control_self", "control_text_init", "control_text_self", "upward_only"),
         ("llmd4rec_ml100k_deep_cpu",), needs=("e4srec_text_ml100k_cpu", "upward_sweep_ml100k_deep"), estimate_s=2400),
     "upward_sweep_ml100k": Step("upward_sweep.py", (
