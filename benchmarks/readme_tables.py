@@ -307,6 +307,29 @@ def teacher_table(name: str) -> str:
     return "\n".join(out)
 
 
+def teacher_notes(name: str) -> str:
+    """What the teacher comparison says, in words computed from its file: which rows text helps, on validation."""
+    r = _load(name)
+    if r is None:
+        return f"`{name}.json` not run yet."
+    rows = r["rows"]
+    v = {k: rows[k]["valid"]["NDCG@10"] for k in rows}
+    best = max(v, key=v.get)
+    out = [f"- Best on validation NDCG@10: {best} ({_f(v[best])})."]
+    for plain, text in (("SASRec", "SASRec_text_init"), ("E4SRec", "E4SRec_text")):
+        if plain in v and text in v:
+            word = "raises" if v[text] > v[plain] else "lowers"
+            out.append(f"- Text {word} {plain}'s validation NDCG@10: {_f(v[plain])} -> {_f(v[text])} (test "
+                       f"{_f(rows[plain]['test']['NDCG@10'])} -> {_f(rows[text]['test']['NDCG@10'])}; tail targets "
+                       f"{_f(rows[plain]['tail']['NDCG@10'])} -> {_f(rows[text]['tail']['NDCG@10'])}).")
+    for k in ("E4SRec", "E4SRec_text"):
+        if k in rows:
+            vs = rows[k]["vs_SASRec"]
+            out.append(f"- {k} ranks the test target better than SASRec for {100 * vs['better']:.1f}% of users "
+                       f"(worse for {100 * vs['worse']:.1f}%): what an upward phase can hand over.")
+    return "\n".join(out)
+
+
 def text_choice_table() -> str:
     out = ["| dataset | fields / pooling | valid NDCG@10 | test NDCG@10 | seconds to read all items |",
            "|---|---|---|---|---|"]
@@ -383,6 +406,7 @@ TABLES = {
     "sasrec_bf16": precision_table,
     "precision_probe": precision_probe_table,
     "teacher_ml100k": lambda: teacher_table("e4srec_text_ml100k_cpu"),
+    "teacher_ml100k_notes": lambda: teacher_notes("e4srec_text_ml100k_cpu"),
     "llmd4rec_ml100k_deep": lambda: distill_table("llmd4rec_ml100k_deep_cpu"),
     "llmd4rec_ml100k_deep_notes": lambda: controls_notes("llmd4rec_ml100k_deep_cpu"),
     "upward_sweep": lambda: sweep_table("upward_sweep_ml100k"),
