@@ -119,7 +119,7 @@ STEPS: dict[str, Step] = {
         "--crm-run", "{ref:e4srec_text_ml100k_cpu.runs.SASRec}",
         "--llm-run", "{ref:e4srec_text_ml100k_cpu.runs.E4SRec}", "--seeds", "3", "data.data_dir={data}",
         "--only", "full", "control_beta0", "control_self", "control_text_init", "control_text_self", "upward_only"),
-        ("llmd4rec_ml100k_deep_cpu",), needs=("e4srec_text_ml100k_cpu", "upward_sweep_ml100k_deep"), estimate_s=2400),
+        ("llmd4rec_ml100k_deep_cpu",), needs=("e4srec_text_ml100k_cpu",), estimate_s=2400),
     "upward_sweep_ml100k": Step("upward_sweep.py", (
         "--config", "configs/llmd4rec/ml100k_cpu.yaml", "--name", "upward_sweep_ml100k", "--runs", "{runs}",
         "--crm-run", "{ref:llmd4rec_ml100k_cpu.crm_run}", "--llm-run", "{ref:llmd4rec_ml100k_cpu.llm_run}",
