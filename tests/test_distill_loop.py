@@ -90,6 +90,9 @@ def test_upward_strategies_and_controls(tmp_path, tiny_backbone_dir, extra, cach
     assert main(args) == 0
     run = tmp_path / "up"
     assert {p.name for p in run.glob("round1-cache-*")} == caches
+    if "round1-cache-ensemble" in caches:  # the mix is part of what the cache holds: another alpha rebuilds it
+        header = json.loads((run / "round1-cache-ensemble" / "header.json").read_text())
+        assert header["info"]["ensemble_alpha"] == 0.5
     done = json.loads((run / "round1-up" / "done.json").read_text())
     results = json.loads((run / "results.json").read_text())
     if "distill.keep_start=false" in extra:

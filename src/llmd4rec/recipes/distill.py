@@ -205,7 +205,8 @@ def _upward(cfg: Config, t: int, crm: SASRec, crm_m: dict, llm, split: Split, da
         teacher, kind = _upward_teacher(cfg, crm, llm)
         with distributed.main_first():
             cache = build_cache(run_dir / f"round{t}-cache-{kind}", teacher, kind, *grid, crm.n_items, d.t2,
-                                d.cache_topk, device, 256 if kind == "crm" else d.cache_users_per_batch)
+                                d.cache_topk, device, 256 if kind == "crm" else d.cache_users_per_batch,
+                                info={"ensemble_alpha": d.ensemble_alpha} if kind == "ensemble" else None)
         kd = kd_hook(cache, sample_index(grid[1]), d.beta, d.t_squared, d.adaptive_weights, "crm",
                      rank=(d.rank_k, d.rank_lambda) if d.upward_loss == "rank" else None)
     start = crm
