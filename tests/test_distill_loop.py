@@ -142,3 +142,26 @@ def test_kd_hook_uses_cache_rows_and_weights(tmp_path):
     w = weights_llm_to_crm(target_ranks(student, tgt), target_ranks(teacher, tgt))
     want = 0.5 * (w * kd_kl(student, teacher.half().float(), 0.2)).sum() / 3
     assert got.item() == pytest.approx(want.item(), rel=5e-3)
+
+
+def test_cache_from_reads_a_finished_upward_cache_instead_of_computing_it(tmp_path, tiny_backbone_dir, monkeypatch):
+    """A second run with the first's teacher settings and distill.cache_from gets the same results without running
+    its teacher; with another temperature the copied cache is rejected and rebuilt."""
+    from llmd4rec.distill import teacher
+
+    common = ["data.synthetic_users=150", "data.synthetic_items=60", "distill.direction=upward",
+              "distill.keep_start=false", "distill.t2=1.0"]
+    assert main(_args(tmp_path, tiny_backbone_dir, "a", *common)) == 0
+    first = json.loads((tmp_path / "a" / "results.json").read_text())["rows"]
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher cache was computed again")
+
+    with monkeypatch.context() as m:
+        m.setattr(teacher.TeacherCache, "create", no_teacher)
+        assert main(_args(tmp_path, tiny_backbone_dir, "b", *common, f"distill.cache_from={tmp_path / 'a'}")) == 0
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["rows"] == first
+    assert main(_args(tmp_path, tiny_backbone_dir, "c", *common[:-1], "distill.t2=0.5",
+                      f"distill.cache_from={tmp_path / 'a'}")) == 0
+    header = json.loads((tmp_path / "c" / "round1-cache-llm" / "header.json").read_text())
+    assert header["temperature"] == 0.5

@@ -3,6 +3,7 @@ that reads them back (the hook the training recipes add to their loss)."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -74,6 +75,15 @@ def _unfinished_meta(path: Path) -> dict | None:
         return read_json(path / "meta.json")
     except InputError:
         return {}
+
+
+def copy_finished_cache(source: Path, dest: Path) -> bool:
+    """Copy a finished teacher cache to `dest` unless `dest` exists; build_cache then checks its settings (a copy,
+    not a link: a cache it rejects is rebuilt in place without touching the source)."""
+    if dest.exists() or not (source / "header.json").exists():
+        return False
+    shutil.copytree(source, dest)
+    return True
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from ..distributed import evaluate_split
 from ..evaluation import metric_key, metric_keys
 from ..io import load_tensors, save_tensors
 from ..models.sasrec import SASRec
-from ..distill.teacher import LogProbEnsemble, build_cache, kd_hook, sample_index
+from ..distill.teacher import LogProbEnsemble, build_cache, copy_finished_cache, kd_hook, sample_index
 from ..loading import (build_llm, check_reused_runs, distilled_crm, distilled_table, distilled_weights, load_crm,
                        load_data, load_llm, llm_text_table)
 from ..plots import plot_rounds
@@ -203,8 +203,11 @@ def _upward(cfg: Config, t: int, crm: SASRec, crm_m: dict, llm, split: Split, da
     kd = None
     if d.beta > 0:
         teacher, kind = _upward_teacher(cfg, crm, llm)
+        path = run_dir / f"round{t}-cache-{kind}"
         with distributed.main_first():
-            cache = build_cache(run_dir / f"round{t}-cache-{kind}", teacher, kind, *grid, crm.n_items, d.t2,
+            if d.cache_from and distributed.is_main():
+                copy_finished_cache(Path(d.cache_from) / path.name, path)
+            cache = build_cache(path, teacher, kind, *grid, crm.n_items, d.t2,
                                 d.cache_topk, device, 256 if kind == "crm" else d.cache_users_per_batch,
                                 info={"ensemble_alpha": d.ensemble_alpha} if kind == "ensemble" else None)
         kd = kd_hook(cache, sample_index(grid[1]), d.beta, d.t_squared, d.adaptive_weights, "crm",
