@@ -72,13 +72,12 @@ def teacher(dataset: str, sasrec_step: str | None, estimate_s: int) -> Step:
                                        "--runs", "{runs}", *crm_run, "data.data_dir={data}"), (name,),
                 needs=(sasrec_step,) if sasrec_step else (), estimate_s=estimate_s)
 
-DEEP_VARIANTS = ("--variant", "distill.upward_init=continue distill.upward_lr=0.0001 distill.t2=0.2",
-                 "--variant", "distill.upward_init=continue distill.upward_lr=0.0001 distill.t2=1.0",
-                 "--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=llm",
+DEEP_VARIANTS = ("--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=llm",
                  "--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=ensemble",
                  "--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=llm distill.upward_loss=rank",
                  "--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=ensemble "
                               "distill.upward_loss=rank")
+"""The deep teacher's sweep: the fresh student at T2 = 1 of the earlier sweep, teacher LLM or ensemble, KL or rank."""
 
 STEPS: dict[str, Step] = {
     "precision_probe": Step("precision_probe.py", ("--data-dir", "{data}"), ("precision_probe",), estimate_s=60),
