@@ -112,15 +112,19 @@ def main() -> None:
 
     read_back: list[str] = []  # runs finished before this invocation: read, with the time they reported
 
+    def read_or_run(recipe, run_name: str, *extra: str) -> Path:
+        """A finished run of that name is read back (and listed in read_back), else it runs or resumes."""
+        run_dir = finished(run_name)
+        if run_dir is not None:
+            read_back.append(run_name)
+            return run_dir
+        return run_or_resume(recipe, run_name, *extra)
+
     def baseline(given: str | None, recipe, run_name: str, *extra: str) -> tuple[Path, float | None]:
         """A given run (its time belongs to its own result file), or this suite's own, trained or read back."""
         if given:
             return Path(given), None
-        run_dir = finished(run_name)
-        if run_dir is not None:
-            read_back.append(run_name)
-        else:
-            run_dir = run_or_resume(recipe, run_name, *extra)
+        run_dir = read_or_run(recipe, run_name, *extra)
         return run_dir, json.loads((run_dir / "results.json").read_text())["train_seconds"]
 
     crm_run, crm_seconds = baseline(args.crm_run, train_crm, f"{args.name}-sasrec")
@@ -142,8 +146,7 @@ def main() -> None:
     text_run = None
     for name in args.only:
         if name == "control_text_init":
-            text_run = finished(f"{args.name}-{name}") or run_or_resume(train_crm, f"{args.name}-{name}",
-                                                                         "crm.text_init=true")
+            text_run = read_or_run(train_crm, f"{args.name}-{name}", "crm.text_init=true")
             results = json.loads((text_run / "results.json").read_text())
             out["rows"][name] = {"valid": results["valid"], "test": results["test"]}
             out["seconds"][name] = results["train_seconds"]
@@ -155,8 +158,7 @@ def main() -> None:
                 print(f"skipping {name}: it starts from control_text_init (give both to --only)", file=sys.stderr)
                 continue
             run_name = f"{args.name}-{name}"
-            run_dir = finished(run_name) or run_or_resume(distill, run_name, f"crm_run={start_run}",
-                                                          f"llm_run={llm_run}", *ABLATIONS[name])
+            run_dir = read_or_run(distill, run_name, f"crm_run={start_run}", f"llm_run={llm_run}", *ABLATIONS[name])
             results = json.loads((run_dir / "results.json").read_text())
             out["rows"][name] = results["rows"]["LLMD4Rec_C"]
             distilled = results["rows"].get("LLMD4Rec_C (distilled, no fall-back)")
@@ -175,11 +177,7 @@ def main() -> None:
             out["runs"][name] = str(full)
         else:
             run_name = f"{args.name}-{name}"
-            run_dir = finished(run_name)
-            if run_dir is not None:
-                read_back.append(run_name)
-            else:
-                run_dir = run_or_resume(distill, run_name, f"crm_run={crm_run}", f"llm_run={llm_run}", *ABLATIONS[name])
+            run_dir = read_or_run(distill, run_name, f"crm_run={crm_run}", f"llm_run={llm_run}", *ABLATIONS[name])
             results = json.loads((run_dir / "results.json").read_text())
             rows = results["rows"]
             out["seconds"][name] = results["seconds"]  # the run's own time, whichever invocation ran it
