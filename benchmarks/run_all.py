@@ -63,6 +63,7 @@ UPWARD_VARIANTS = ("--variant", "distill.upward_init=continue distill.upward_lr=
                    "--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=ensemble "
                                 "distill.upward_loss=rank")
 
+
 def teacher(dataset: str, sasrec_step: str | None, estimate_s: int) -> Step:
     """benchmarks/teacher_compare.py on a dataset: SASRec (the given step's run, else its own), text-initialised
     SASRec, ID-only E4SRec and E4SRec reading item text."""
@@ -71,6 +72,7 @@ def teacher(dataset: str, sasrec_step: str | None, estimate_s: int) -> Step:
     return Step("teacher_compare.py", ("--config", f"configs/e4srec/{dataset}_text_cpu.yaml", "--name", name,
                                        "--runs", "{runs}", *crm_run, "data.data_dir={data}"), (name,),
                 needs=(sasrec_step,) if sasrec_step else (), estimate_s=estimate_s)
+
 
 DEEP_VARIANTS = ("--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=llm",
                  "--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=ensemble",

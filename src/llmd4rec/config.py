@@ -171,11 +171,11 @@ class DistillConfig:
     # upward KD term: kl (the paper's KL at T2) or rank (the teacher's rank_k best items as weighted soft labels,
     # DLLM2Rec-style: weights from position, teacher confidence and teacher-student consistency; distill/losses.py)
     upward_loss: Literal["kl", "rank"] = "kl"
+    rank_k: int = key(10, min=1)
+    rank_lambda: float = key(1.0, gt=0)  # upward_loss=rank: position weight exp(-position / rank_lambda)
     # a distill run folder whose finished upward teacher caches this run copies instead of computing them again
     # (each is read only if built with this run's teacher settings; else it is rebuilt): upward sweeps of one teacher
     cache_from: str | None = key(None, pattern=TEXT, resume="any")
-    rank_k: int = key(10, min=1)
-    rank_lambda: float = key(1.0, gt=0)  # upward_loss=rank: position weight exp(-position / rank_lambda)
 
 
 @dataclass

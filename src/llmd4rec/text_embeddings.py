@@ -90,7 +90,8 @@ def encode_item_text(cfg: Config, dataset: Dataset, device: torch.device | str =
     read from the cache when the same backbone already read the same strings the same way."""
     strings = item_strings(dataset, text_fields(cfg.text, dataset))
     key = json.dumps({"backbone": cfg.text.backbone, "identity": _backbone_identity(cfg.text.backbone),
-                      "dtype": resolve(cfg.text.dtype, device), "pooling": cfg.text.pooling, "max_tokens": cfg.text.max_tokens,
+                      "dtype": resolve(cfg.text.dtype, device), "pooling": cfg.text.pooling,
+                      "max_tokens": cfg.text.max_tokens,
                       "strings": hashlib.sha256("\n".join(strings).encode()).hexdigest()}, sort_keys=True)
     path = cache_dir() / "text" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
     if path.exists():
