@@ -300,9 +300,10 @@ def teacher_table(name: str) -> str:
         share = f"{100 * vs['better']:.1f}% / {100 * vs['worse']:.1f}%" if vs else ""
         out.append(f"| {row} | {_f(v['valid']['NDCG@10'])} | {_f(v['test']['HR@10'])} | {_f(v['test']['NDCG@10'])} | "
                    f"{_f(v['test']['NDCG@20'])} | {_f(v['head']['NDCG@10'])} / {_f(v['tail']['NDCG@10'])} | "
-                   f"{share} | {_f(v['train_seconds'], 0)} |")
+                   f"{share} | {_f(v['train_seconds'], 0) if 'train_seconds' in v else ''} |")
     out.append(f"\nBackbone {r['backbone']}, keep_layers={r['keep_layers']}; head: the top "
-               f"{100 * r['head_share_of_items']:.0f}% of items by training interactions ({_load_note(r)}). "
+               f"{100 * r['head_share_of_items']:.0f}% of items by training interactions; A+B: the product of experts "
+               f"of two rows, LLM weight {r.get('ensemble_alpha', 0.5)} ({_load_note(r)}). "
                f"Command: `{r['command']}`")
     return "\n".join(out)
 
@@ -327,6 +328,12 @@ def teacher_notes(name: str) -> str:
             vs = rows[k]["vs_SASRec"]
             out.append(f"- {k} ranks the test target better than SASRec for {100 * vs['better']:.1f}% of users "
                        f"(worse for {100 * vs['worse']:.1f}%): what an upward phase can hand over.")
+    for k in rows:
+        if "+" in k:
+            crm = k.split("+")[0]
+            word = "above" if v[k] > v[crm] else "not above"
+            out.append(f"- The teacher {k} validates {word} {crm} alone ({_f(v[k])} against {_f(v[crm])}; test "
+                       f"{_f(rows[k]['test']['NDCG@10'])} against {_f(rows[crm]['test']['NDCG@10'])}).")
     return "\n".join(out)
 
 
@@ -407,6 +414,8 @@ TABLES = {
     "precision_probe": precision_probe_table,
     "teacher_ml100k": lambda: teacher_table("e4srec_text_ml100k_cpu"),
     "teacher_ml100k_notes": lambda: teacher_notes("e4srec_text_ml100k_cpu"),
+    "teacher_beauty": lambda: teacher_table("e4srec_text_beauty_cpu"),
+    "teacher_beauty_notes": lambda: teacher_notes("e4srec_text_beauty_cpu"),
     "llmd4rec_ml100k_deep": lambda: distill_table("llmd4rec_ml100k_deep_cpu"),
     "llmd4rec_ml100k_deep_notes": lambda: controls_notes("llmd4rec_ml100k_deep_cpu"),
     "upward_sweep": lambda: sweep_table("upward_sweep_ml100k"),

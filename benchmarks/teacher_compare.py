@@ -5,6 +5,8 @@ Each row has valid and test metrics, its training seconds, test metrics on head 
 training interactions / the rest) and, for every row but SASRec, the share of test users whose target it ranks
 better than SASRec does: what an upward phase can hand over. Both E4SRec rows start from the same SASRec run's item
 table; the E4SRec config (--config) sets the backbone, its depth and the budget, and `llm.item_text` is set here.
+The rows named A+B rank the product of experts of two trained rows (distill.ensemble_alpha, the upward phase's
+`distill.teacher=ensemble`): a teacher that validates no better than its CRM alone has little to hand over.
 
 Example: python benchmarks/teacher_compare.py --config configs/e4srec/ml100k_text_cpu.yaml --name e4srec_text_ml100k_cpu \
              --runs runs/teacher data.data_dir=../shared/data
@@ -22,6 +24,8 @@ from _common import builds_on, header, write_result  # noqa: E402
 
 from llmd4rec.analysis import better_share, head_items, head_tail_metrics, split_ranks  # noqa: E402
 from llmd4rec.config import config_to_dict, load_config  # noqa: E402
+from llmd4rec.distill.teacher import LogProbEnsemble  # noqa: E402
+from llmd4rec.evaluation import metrics_from_ranks  # noqa: E402
 from llmd4rec.loading import load_run  # noqa: E402
 from llmd4rec.recipes import train_crm, train_llm  # noqa: E402
 
@@ -31,6 +35,7 @@ ROWS = {  # row -> (recipe, overrides)
     "E4SRec": (train_llm, ["llm.item_text=false"]),
     "E4SRec_text": (train_llm, ["llm.item_text=true"]),
 }
+ENSEMBLES = (("SASRec", "E4SRec"), ("SASRec", "E4SRec_text"), ("SASRec_text_init", "E4SRec_text"))
 
 
 def main() -> None:
@@ -78,6 +83,14 @@ def main() -> None:
                             **head_tail_metrics(ranks[row], split.test_targets, head)}
         if row != "SASRec":
             out["rows"][row]["vs_SASRec"] = better_share(ranks[row], ranks["SASRec"])
+    for crm_row, llm_row in ENSEMBLES:
+        mix = LogProbEnsemble(loaded[crm_row].model, loaded[llm_row].model, base.distill.ensemble_alpha).eval()
+        valid = metrics_from_ranks(split_ranks(mix, split, base.eval, "valid"), base.eval.ks)
+        ranks[name := f"{crm_row}+{llm_row}"] = split_ranks(mix, split, base.eval)
+        out["rows"][name] = {"valid": valid, "test": metrics_from_ranks(ranks[name], base.eval.ks),
+                             **head_tail_metrics(ranks[name], split.test_targets, head),
+                             "vs_SASRec": better_share(ranks[name], ranks["SASRec"])}
+    out["ensemble_alpha"] = base.distill.ensemble_alpha
     out["head_share_of_items"] = 0.2
     out["metrics"] = {w: out["rows"]["E4SRec_text"][w] for w in ("valid", "test")}
     write_result(args.name, out)

@@ -212,11 +212,17 @@ def test_teacher_compare_trains_four_rows_on_one_budget_and_compares_them_to_sas
                 "llm_train.max_targets_per_user=4", "llm_train.warmup_steps=2", "device=cpu"], results)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads((results / "teach.json").read_text())
-    assert list(out["rows"]) == ["SASRec", "SASRec_text_init", "E4SRec", "E4SRec_text"]
+    ensembles = ["SASRec+E4SRec", "SASRec+E4SRec_text", "SASRec_text_init+E4SRec_text"]
+    assert list(out["rows"]) == ["SASRec", "SASRec_text_init", "E4SRec", "E4SRec_text", *ensembles]
     users = 60
     for row, v in out["rows"].items():
-        saved = json.loads((Path(out["runs"][row]) / "results.json").read_text())
-        assert v["test"] == saved["test"] and v["valid"] == saved["valid"] and v["train_seconds"] > 0
+        if row in ensembles:  # its test metrics are its head and tail users' together
+            n = {part: v[part]["users"] for part in ("head", "tail")}
+            assert v["test"]["HR@10"] == pytest.approx(
+                (v["head"]["HR@10"] * n["head"] + v["tail"]["HR@10"] * n["tail"]) / users)
+        else:
+            saved = json.loads((Path(out["runs"][row]) / "results.json").read_text())
+            assert v["test"] == saved["test"] and v["valid"] == saved["valid"] and v["train_seconds"] > 0
         assert v["head"]["users"] + v["tail"]["users"] == users
         if row != "SASRec":
             assert sum(v["vs_SASRec"].values()) == pytest.approx(1.0)

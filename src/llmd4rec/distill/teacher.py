@@ -36,6 +36,14 @@ class LogProbEnsemble(nn.Module):
         super().__init__()
         self.crm, self.llm, self.alpha = crm, llm, alpha
 
+    @property
+    def max_len(self) -> int:
+        return self.crm.max_len
+
+    @property
+    def trims_padding(self) -> bool:
+        return getattr(self.llm, "trims_padding", False)
+
     def prefix_logits(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         n = self.crm.n_items
         zc = self.crm.score_items(self.crm.hidden(x)[rows, cols], 0, n + 1).float()
@@ -43,6 +51,24 @@ class LogProbEnsemble(nn.Module):
         zc[:, 0] = zl[:, 0] = float("-inf")
         mixed = self.alpha * F.log_softmax(zl, 1) + (1 - self.alpha) * F.log_softmax(zc, 1)
         mixed[:, 0] = float("-inf")
+        return mixed
+
+    # ---- the scorer protocol (evaluation ranks the ensemble like any model: is the teacher better than SASRec?) --
+
+    def encode(self, histories: torch.Tensor):
+        """Both models' states and their log-normalisers over items 1..N, so that score_items can work by chunks."""
+        n = self.crm.n_items
+        sc, sl = self.crm.encode(histories), self.llm.encode(histories)
+        lse_c = torch.logsumexp(self.crm.score_items(sc, 1, n + 1).float(), 1, keepdim=True)
+        lse_l = torch.logsumexp(self.llm.score_items(sl, 1, n + 1).float(), 1, keepdim=True)
+        return sc, sl, lse_c, lse_l
+
+    def score_items(self, state, lo: int, hi: int) -> torch.Tensor:
+        sc, sl, lse_c, lse_l = state
+        mixed = (self.alpha * (self.llm.score_items(sl, lo, hi).float() - lse_l)
+                 + (1 - self.alpha) * (self.crm.score_items(sc, lo, hi).float() - lse_c))
+        if lo == 0:
+            mixed[:, 0] = float("-inf")
         return mixed
 
 
