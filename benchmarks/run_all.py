@@ -63,6 +63,13 @@ UPWARD_VARIANTS = ("--variant", "distill.upward_init=continue distill.upward_lr=
                    "--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=ensemble "
                                 "distill.upward_loss=rank")
 
+# the text-initialised student (configs/llmd4rec/beauty_text_cpu.yaml) under each teacher: itself (the control that
+# has no LLM), E4SRec reading text, their product of experts, and that product as top-K ranking labels
+TEXT_VARIANTS = ("--variant", "distill.teacher=self",
+                 "--variant", "distill.teacher=llm",
+                 "--variant", "distill.teacher=ensemble",
+                 "--variant", "distill.teacher=ensemble distill.upward_loss=rank")
+
 
 def teacher(dataset: str, sasrec_step: str | None, estimate_s: int) -> Step:
     """benchmarks/teacher_compare.py on a dataset: SASRec (the given step's run, else its own), text-initialised
@@ -133,6 +140,11 @@ STEPS: dict[str, Step] = {
     "e4srec_text_ml100k_cpu": teacher("ml100k", None, 3000),
     "e4srec_text_beauty_cpu": teacher("beauty", "sasrec_beauty", 14400),
     "e4srec_text_toys_cpu": teacher("toys", "sasrec_toys", 14400),
+    "upward_sweep_beauty_text": Step("upward_sweep.py", (
+        "--config", "configs/llmd4rec/beauty_text_cpu.yaml", "--name", "upward_sweep_beauty_text", "--runs", "{runs}",
+        "--crm-run", "{ref:e4srec_text_beauty_cpu.runs.SASRec_text_init}",
+        "--llm-run", "{ref:e4srec_text_beauty_cpu.runs.E4SRec_text}", *TEXT_VARIANTS, "data.data_dir={data}"),
+        ("upward_sweep_beauty_text",), needs=("e4srec_text_beauty_cpu",), estimate_s=3600),
     "llmd4rec_beauty_cpu": Step("distill_suite.py", (
         "--config", "configs/llmd4rec/beauty_cpu.yaml", "--name", "llmd4rec_beauty_cpu", "--runs", "{runs}",
         "--crm-run", "{ref:sasrec_beauty.run_dir}", "--llm-run", "{ref:e4srec_beauty_cpu.run_dir}",

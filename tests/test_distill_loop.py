@@ -165,3 +165,33 @@ def test_cache_from_reads_a_finished_upward_cache_instead_of_computing_it(tmp_pa
                       f"distill.cache_from={tmp_path / 'a'}")) == 0
     header = json.loads((tmp_path / "c" / "round1-cache-llm" / "header.json").read_text())
     assert header["temperature"] == 0.5
+
+
+def test_reused_baselines_report_their_recorded_metrics_unless_scored_otherwise(tmp_path, tiny_backbone_dir):
+    """A given crm_run / llm_run under the same data, model and eval settings reports the metrics its run recorded
+    (not scored again); under other eval settings it is scored here, by the same evaluator as any model."""
+    common = ["data.synthetic_users=150", "data.synthetic_items=60", "device=cpu", f"run_dir={tmp_path}"]
+    assert main(["train-crm", "--config", "configs/llmd4rec/synthetic.yaml", "crm_train.epochs=2",
+                 "run_name=crm", *common]) == 0
+    assert main(["train-llm", "--config", "configs/llmd4rec/synthetic.yaml", f"llm.backbone={tiny_backbone_dir}",
+                 "llm.keep_layers=null", "llm_train.epochs=1", "llm_train.samples_per_batch=32",
+                 f"crm_run={tmp_path / 'crm'}", "run_name=llm", *common]) == 0
+    given = [f"crm_run={tmp_path / 'crm'}", f"llm_run={tmp_path / 'llm'}", "distill.direction=upward",
+             "data.synthetic_users=150", "data.synthetic_items=60"]
+    recorded = {}
+    for k in ("crm", "llm"):  # marked, so that reading it back and scoring again give different numbers
+        path = tmp_path / k / "results.json"
+        recorded[k] = json.loads(path.read_text())
+        recorded[k]["valid"]["NDCG@10"] += 1.0
+        path.write_text(json.dumps(recorded[k]))
+    for name, extra in (("same", []), ("other_eval", ["eval.ks=[10,15]"])):
+        assert main(_args(tmp_path, tiny_backbone_dir, name, *given, *extra)) == 0
+        base = json.loads((tmp_path / name / "results.json").read_text())["history"][0]
+        for row, kind in (("crm", "crm"), ("llm", "llm")):
+            if name == "same":
+                assert base[row] == {w: recorded[kind][w] for w in ("valid", "test")}
+            else:
+                loaded = load_run(tmp_path / kind)
+                assert set(base[row]["test"]) == {f"{m}@{k}" for m in ("HR", "NDCG", "MRR") for k in (10, 15)}
+                assert base[row]["test"]["NDCG@10"] == pytest.approx(
+                    evaluate_split(loaded.model, loaded.split, loaded.cfg.eval, "test")["NDCG@10"])

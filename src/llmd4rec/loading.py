@@ -3,6 +3,7 @@ and the model builders that recipes, `evaluate`, `export` and `serve` share. Not
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .config import Config, load_config, shape_mismatches
+from .config import Config, config_to_dict, load_config, shape_mismatches
 from .data.dataset import Dataset, Split, leave_one_out
 from .errors import InputError
 from .io import load_tensors
@@ -48,6 +49,24 @@ def check_reused_runs(cfg: Config) -> None:
         wrong = shape_mismatches(cfg, load_config(path / "config.yaml", saved=True), sections)
         if wrong:
             raise InputError(f"{key} was trained on other data or model shapes ({'; '.join(wrong)})", path)
+
+
+def reused_metrics(cfg: Config, key: str) -> dict | None:
+    """The valid and test metrics a reused crm_run / llm_run recorded for its best checkpoint (the one loaded),
+    when it was trained on the same data with the same model and eval settings: a frozen model need not be scored
+    again (on Beauty an E4SRec takes minutes). None otherwise, and the caller evaluates it."""
+    path = Path(getattr(cfg, key))
+    if not ((path / "results.json").is_file() and (path / "config.yaml").is_file()):
+        return None
+    mine, theirs = config_to_dict(cfg), config_to_dict(load_config(path / "config.yaml", saved=True))
+    for section in (*REUSED[key][1], "eval"):
+        a, b = dict(mine[section]), dict(theirs[section])
+        if section == "data":  # the same files may be reached by another path
+            a.pop("data_dir"), b.pop("data_dir")
+        if a != b:
+            return None
+    results = json.loads((path / "results.json").read_text())
+    return {w: results[w] for w in ("valid", "test")} if all(w in results for w in ("valid", "test")) else None
 
 
 def load_data(cfg: Config) -> tuple[Dataset, Split]:

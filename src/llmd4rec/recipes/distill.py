@@ -26,7 +26,7 @@ from ..io import load_tensors, save_tensors
 from ..models.sasrec import SASRec
 from ..distill.teacher import LogProbEnsemble, build_cache, copy_finished_cache, kd_hook, sample_index
 from ..loading import (build_llm, check_reused_runs, distilled_crm, distilled_table, distilled_weights, load_crm,
-                       load_data, load_llm, llm_text_table)
+                       load_data, load_llm, llm_text_table, reused_metrics)
 from ..plots import plot_rounds
 from ..runs import log_metrics, make_run_dir, seed_everything, truncate_metrics
 from ..tables import result_rows, results_table, write_results
@@ -89,7 +89,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
         crm = SASRec(n, cfg.crm).to(device)
         if cfg.crm_run:
             crm = load_crm(Path(cfg.crm_run), n, cfg, device=device)
-            crm_m = _evaluate(crm, split, cfg, device)
+            crm_m = reused_metrics(cfg, "crm_run") or _evaluate(crm, split, cfg, device)
         elif done := phase_done(run_dir / "crm0"):
             crm = load_crm(run_dir, n, cfg, phase="crm0", device=device)
             crm_m = skip_phase(run_dir / "crm0", done, lambda: _evaluate(crm, split, cfg, device))
@@ -103,7 +103,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
         # 2. the LLM baseline (E4SRec), its ID table copied from the CRM
         if cfg.llm_run:
             llm = load_llm(Path(cfg.llm_run), n, cfg, device=device)
-            llm_m = _evaluate(llm, split, cfg, device)
+            llm_m = reused_metrics(cfg, "llm_run") or _evaluate(llm, split, cfg, device)
         else:
             table_path = run_dir / "llm0" / "item_table.safetensors"
             text_path = run_dir / "llm0" / "text_table.safetensors"
