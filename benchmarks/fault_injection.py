@@ -23,26 +23,22 @@ Example: python benchmarks/fault_injection.py --faults 20 --seed 0 --data-dir ..
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULT_HELP, header, write_result  # noqa: E402
+from _common import RESULT_HELP, ROOT, header, write_result  # noqa: E402
+from _fault_bad_configs import run_bad_configs  # noqa: E402
+from _fault_runs import (Runner, damage, describe_state, error_lines, log_records, results_metrics,  # noqa: E402
+                         tear, warning_lines, weight_digests)
 
 from llmd4rec.testing import save_tiny_backbone  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
-SECONDS_KEYS = ("epoch_seconds", "train_seconds", "seconds")
 
 
 def phase_args(phase: str, data_dir: str, backbone: Path, refs: dict[str, Path]) -> list[str]:
@@ -58,149 +54,6 @@ def phase_args(phase: str, data_dir: str, backbone: Path, refs: dict[str, Path])
     return ["distill", "--config", "configs/llmd4rec/synthetic.yaml", *common, *llm, f"crm_run={refs['crm']}",
             f"llm_run={refs['llm']}", "distill.rounds=1", "distill.crm_epochs=2", "distill.llm_epochs=1",
             "distill.cache_topk=64", "distill.positions=last_k", "distill.last_k=2", "distill.cache_users_per_batch=16"]
-
-
-# ---------------------------------------------------------------------------------------------- subprocesses
-
-class Runner:
-    def __init__(self, work: Path, env: dict[str, str]):
-        self.work, self.env, self.n = work, env, 0
-
-    def start(self, args: list[str], log: Path) -> tuple[subprocess.Popen, Path, Path]:
-        self.n += 1
-        out, err = log.with_suffix(f".{self.n}.out"), log.with_suffix(f".{self.n}.err")
-        proc = subprocess.Popen([PYTHON, "-m", "llmd4rec", *args], cwd=ROOT, env=self.env,
-                                stdout=open(out, "wb"), stderr=open(err, "wb"), start_new_session=True)
-        return proc, out, err
-
-    def command(self, base: list[str], run_dir: Path) -> list[str]:
-        """Resume when the folder is a run folder already, else start it (a kill can land before config.yaml)."""
-        if (run_dir / "config.yaml").exists():
-            return [*base, "--resume", str(run_dir)]
-        return [*base, f"run_dir={run_dir.parent}", f"run_name={run_dir.name}"]
-
-    def run(self, base: list[str], run_dir: Path, log: Path, kill_after: float | None = None,
-            kill_when: str | None = None) -> dict:
-        """One attempt; SIGKILL after `kill_after` seconds, or as soon as `kill_when` holds (see `condition`)."""
-        proc, out, err = self.start(self.command(base, run_dir), log)
-        t0 = time.perf_counter()
-        killed = False
-        while proc.poll() is None:
-            elapsed = time.perf_counter() - t0
-            if (kill_after is not None and elapsed >= kill_after) or \
-                    (kill_when is not None and condition(run_dir, kill_when)):
-                os.killpg(proc.pid, signal.SIGKILL)  # the process group of the child started above, nothing else
-                proc.wait()
-                killed = True
-                break
-            time.sleep(0.01)
-        return {"rc": proc.returncode, "killed": killed, "seconds": time.perf_counter() - t0,
-                "stderr": err.read_text(errors="replace"), "stdout": out.read_text(errors="replace")}
-
-
-def condition(run_dir: Path, when: str) -> bool:
-    """`path`: the file exists; `rotated:FOLDER`: FOLDER's last and last.prev are two different committed saves
-    (a kill right after the rotation would find them hard links of one file)."""
-    if when.startswith("rotated:"):
-        folder = run_dir / when.split(":", 1)[1]
-        try:
-            return (folder / "last.prev.json").read_bytes() != (folder / "last.json").read_bytes()
-        except OSError:
-            return False
-    return (run_dir / when).exists()
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
-
-
-def warning_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("warning:")]
-
-
-# ---------------------------------------------------------------------------------------------- comparisons
-
-def results_metrics(run_dir: Path) -> dict | None:
-    path = run_dir / "results.json"
-    if not path.exists():
-        return None
-    r = json.loads(path.read_text())
-    keys = ("rows", "history") if "rows" in r else ("valid", "test", "best_epoch")
-    return {k: r.get(k) for k in keys}
-
-
-def log_records(run_dir: Path) -> dict[str, list]:
-    """metrics.jsonl by phase, in order, without wall-clock fields."""
-    out: dict[str, list] = {}
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            out.setdefault(r.get("phase"), []).append({k: v for k, v in r.items() if k not in SECONDS_KEYS})
-    return out
-
-
-def weight_digests(run_dir: Path) -> dict[str, str]:
-    out = {}
-    for f in sorted(run_dir.glob("*/*.safetensors")):
-        if f.name in ("best.safetensors", "last.safetensors"):
-            out[str(f.relative_to(run_dir))] = hashlib.sha256(f.read_bytes()).hexdigest()
-    return out
-
-
-def describe_state(run_dir: Path) -> str:
-    """Where a stopped run stands: its finished phases and each phase's last checkpoint."""
-    parts = []
-    if not (run_dir / "config.yaml").exists():
-        return "no run folder yet"
-    for folder in sorted(p for p in run_dir.iterdir() if p.is_dir()):
-        if (folder / "done.json").exists():
-            parts.append(f"{folder.name}: done")
-        elif (folder / "last.json").exists():
-            try:
-                st = json.loads((folder / "last.json").read_text())["state"]
-                parts.append(f"{folder.name}: last epoch {st.get('epoch')}" +
-                             (f" step {st['step']}" if st.get("step") else ""))
-            except (ValueError, KeyError):
-                parts.append(f"{folder.name}: last (unreadable)")
-        elif (folder / "header.json").exists():
-            parts.append(f"{folder.name}: cache finished")
-        elif (folder / "meta.json").exists():
-            parts.append(f"{folder.name}: cache partial")
-        else:
-            parts.append(f"{folder.name}: started")
-    if (run_dir / "results.json").exists():
-        parts.append("results written")
-    return "; ".join(parts) or "run folder, no phase yet"
-
-
-# ---------------------------------------------------------------------------------------------- damage
-
-def damage(path: Path, kind: str, rng: random.Random) -> str:
-    data = bytearray(path.read_bytes())
-    if kind == "truncate":
-        keep = int(len(data) * rng.uniform(0.0, 0.9))
-        path.write_bytes(bytes(data[:keep]))
-        return f"truncated {len(data)} -> {keep} bytes"
-    n = min(8, len(data))
-    positions = sorted(rng.sample(range(len(data)), n))
-    for p in positions:
-        data[p] ^= 0xFF
-    path.write_bytes(bytes(data))
-    return f"flipped {n} bytes at {positions[:3]}..."
-
-
-def tear(folder: Path) -> str:
-    """Weights of the previous save under the newest metadata: what a crash between a checkpoint's files left
-    behind before the metadata recorded its files' digests."""
-    for suffix in ("safetensors", "safetensors.sha256"):
-        data = (folder / f"last.prev.{suffix}").read_bytes()
-        (folder / f"last.{suffix}").unlink()  # a new file: never write through a hard link into last.prev
-        (folder / f"last.{suffix}").write_bytes(data)
-    return "last.safetensors (+ sidecar) replaced by last.prev's"
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -239,84 +92,6 @@ def plan(n: int) -> list[dict]:
     ]
     extra = [{"kind": "sigkill", "phase": p} for p in ("llm", "crm", "distill")]
     return [dict(base[i]) if i < len(base) else dict(extra[(i - len(base)) % len(extra)]) for i in range(n)]
-
-
-def bad_config_cases(refs: dict[str, Path], bundle: Path, busy_port: int) -> list[dict]:
-    """(name, argv, setup) of each bad-config fault; `setup` damages a bundle copy first."""
-    crm = ["train-crm", "--config", "configs/sasrec/synthetic.yaml", "device=cpu"]
-    cases = [{"name": f"train-crm {o}", "argv": [*crm, o]} for o in (
-        "eval.mode=bogus", "crm_train.loss=bogus", "device=bogus", "eval.ks=0,-1", "eval.ks=5",
-        "crm_train.users_per_batch=0", "crm_train.lr=-1", "crm_train.lr=nan", "crm.n_heads=3", "crm.dropout=2",
-        "crm.max_len=0", "seed=-1", "report_to=wandb", "run_name=..")]
-    cases += [
-        {"name": "distill distill.direction=sideways", "argv": ["distill", "device=cpu", "distill.direction=sideways"]},
-        {"name": "train-crm device=cuda (no CUDA here)", "argv": [*crm, "device=cuda"], "needs_no_cuda": True},
-        {"name": "train-llm without crm_run", "argv": ["train-llm", "--config", "configs/e4srec/beauty_cpu.yaml",
-                                                       "device=cpu"]},
-        {"name": "evaluate RUN crm.hidden=64 (the run has 32)", "argv": ["evaluate", str(refs["crm"]), "crm.hidden=64"]},
-        {"name": "evaluate with no arguments", "argv": ["evaluate"]},
-        {"name": "distill synthetic preset with crm_run of another dataset",
-         "argv": ["distill", "--config", "configs/llmd4rec/synthetic.yaml", f"crm_run={refs['crm']}", "device=cpu"]},
-        {"name": "train-crm --resume with a changed model", "argv": ["train-crm", "--resume", str(refs["crm"]),
-                                                                     "crm.hidden=16"]},
-        {"name": "serve --port 99999", "argv": ["serve", str(bundle), "--port", "99999"]},
-        {"name": "serve on a port in use", "argv": ["serve", str(bundle), "--port", str(busy_port)]},
-    ]
-    for name, change in (("bundle.json is [1]", lambda info: [1]),
-                         ("bundle.json lacks n_items", lambda info: {k: v for k, v in info.items() if k != "n_items"}),
-                         ("bundle.json lacks the model's sha256",
-                          lambda info: {**info, "files": {k: v for k, v in info["files"].items()
-                                                          if k != "model.safetensors"}})):
-        cases.append({"name": f"serve: {name}", "bundle_change": change})
-    cases.append({"name": "serve: items.json is not a list", "items_json": '{"1": "a"}'})
-    return cases
-
-
-def run_bad_configs(runner: Runner, refs: dict[str, Path], work: Path) -> list[dict]:
-    import socket
-
-    import torch
-
-    bundle = work / "bundle"
-    if not bundle.exists():
-        subprocess.run([PYTHON, "-m", "llmd4rec", "export", str(refs["crm"]), str(bundle)], cwd=ROOT, env=runner.env,
-                       check=True, capture_output=True)
-    rows = []
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        for i, case in enumerate(bad_config_cases(refs, bundle, busy.getsockname()[1])):
-            if case.get("needs_no_cuda") and torch.cuda.is_available():
-                continue
-            runs = work / "bad" / f"b{i:02d}"
-            argv = case.get("argv")
-            if argv is None:  # a damaged copy of the bundle
-                damaged = work / "bad" / f"bundle{i:02d}"
-                shutil.copytree(bundle, damaged)
-                if "bundle_change" in case:
-                    info = json.loads((damaged / "bundle.json").read_text())
-                    (damaged / "bundle.json").write_text(json.dumps(case["bundle_change"](info)))
-                else:
-                    (damaged / "items.json").write_text(case["items_json"])
-                argv = ["serve", str(damaged), "--port", "0"]
-            elif argv[0] in ("train-crm", "train-llm", "distill") and "--resume" not in argv:
-                argv = [*argv, f"run_dir={runs}"]
-            t0 = time.perf_counter()
-            proc = subprocess.run([PYTHON, "-m", "llmd4rec", *argv], cwd=ROOT, env=runner.env, capture_output=True,
-                                  text=True, timeout=300)
-            err_lines = [line for line in proc.stderr.splitlines() if line.strip()]
-            row = {"fault": case["name"], "kind": "bad-config", "argv": argv, "rc": proc.returncode,
-                   "error": err_lines[-1] if err_lines else None, "traceback": "Traceback" in proc.stderr,
-                   "stderr_lines": len(err_lines),
-                   "run_folder_left": runs.exists() and any(runs.iterdir()),
-                   "seconds": round(time.perf_counter() - t0, 2)}
-            row["ok"] = (proc.returncode == 2 and len(err_lines) == 1 and err_lines[0].startswith("error: ")
-                         and not row["traceback"] and not row["run_folder_left"])
-            if not row["ok"]:
-                row["stderr_tail"] = proc.stderr[-2000:]
-            rows.append(row)
-            print(f"bad config {i:2d} {case['name']}: rc={row['rc']} ok={row['ok']} | {row['error']}", flush=True)
-    return rows
 
 
 def run_fault(i: int, spec: dict, runner: Runner, refs: dict[str, Path], ref_info: dict, args_of: dict,

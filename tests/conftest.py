@@ -30,3 +30,36 @@ def tokenizer():
     from llmd4rec.testing import tiny_tokenizer
 
     return tiny_tokenizer()
+
+
+# ---------------------------------------------------------------- the served model of the test_serve_* files
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory):
+    """A tiny SASRec trained for one epoch on the synthetic data (about a second), loaded back as a run."""
+    from _serve_helpers import MAX_LEN, N_ITEMS
+    from llmd4rec.config import load_config
+    from llmd4rec.loading import load_run
+    from llmd4rec.recipes import train_crm
+
+    root = tmp_path_factory.mktemp("serve")
+    cfg = load_config(None, ["data.name=synthetic", "data.synthetic_users=200", f"data.synthetic_items={N_ITEMS}",
+                             "crm_train.epochs=1", "crm.hidden=16", f"crm.max_len={MAX_LEN}",
+                             "device=cpu", f"run_dir={root}", "run_name=sasrec"])
+    return load_run(train_crm.run(cfg))
+
+
+@pytest.fixture(scope="session")
+def bundle(run, tmp_path_factory) -> Path:
+    from llmd4rec.export import export_bundle
+
+    return export_bundle(run.run_dir, tmp_path_factory.mktemp("bundles") / "crm")
+
+
+@pytest.fixture(scope="session")
+def client(bundle):
+    from fastapi.testclient import TestClient
+
+    from llmd4rec.serve import create_app
+
+    return TestClient(create_app(bundle))
