@@ -35,7 +35,7 @@ def tokenizer():
 # ---------------------------------------------------------------- the served model of the test_serve_* files
 
 @pytest.fixture(scope="session")
-def run(tmp_path_factory):
+def served_run(tmp_path_factory):
     """A tiny SASRec trained for one epoch on the synthetic data (about a second), loaded back as a run."""
     from _serve_helpers import MAX_LEN, N_ITEMS
     from llmd4rec.config import load_config
@@ -50,16 +50,16 @@ def run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def bundle(run, tmp_path_factory) -> Path:
+def served_bundle(served_run, tmp_path_factory) -> Path:
     from llmd4rec.export import export_bundle
 
-    return export_bundle(run.run_dir, tmp_path_factory.mktemp("bundles") / "crm")
+    return export_bundle(served_run.run_dir, tmp_path_factory.mktemp("bundles") / "crm")
 
 
 @pytest.fixture(scope="session")
-def client(bundle):
+def served_client(served_bundle):
     from fastapi.testclient import TestClient
 
     from llmd4rec.serve import create_app
 
-    return TestClient(create_app(bundle))
+    return TestClient(create_app(served_bundle))

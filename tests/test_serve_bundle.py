@@ -23,41 +23,41 @@ from llmd4rec.models.sasrec import SASRec  # noqa: E402
 from llmd4rec.serve import create_app, load_bundle, recommend_cli  # noqa: E402
 
 
-def test_bundle_files(bundle, run):
-    assert {p.name for p in bundle.iterdir()} >= {"model.safetensors", "config.yaml", "bundle.json", "items.json",
-                                                  "popularity.safetensors"}
-    info = json.loads((bundle / "bundle.json").read_text())
+def test_bundle_files(served_bundle, served_run):
+    assert {p.name for p in served_bundle.iterdir()} >= {"model.safetensors", "config.yaml", "bundle.json",
+                                                         "items.json", "popularity.safetensors"}
+    info = json.loads((served_bundle / "bundle.json").read_text())
     assert info["kind"] == "crm" and info["n_items"] == N_ITEMS and info["max_len"] == MAX_LEN
-    items = json.loads((bundle / "items.json").read_text())
-    assert items[0] == {"id": 1, "item": run.dataset.item_ids[1], "title": run.dataset.titles[1]}
+    items = json.loads((served_bundle / "items.json").read_text())
+    assert items[0] == {"id": 1, "item": served_run.dataset.item_ids[1], "title": served_run.dataset.titles[1]}
 
 
-def test_crm_bundle_loads_without_transformers(bundle):
+def test_crm_bundle_loads_without_transformers(served_bundle):
     code = ("import sys; from llmd4rec.serve import create_app; create_app(sys.argv[1]); "
             "assert 'transformers' not in sys.modules, 'transformers was imported'; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code, str(served_bundle)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-def test_recommend_cli_matches_server(bundle, client, run, capsys):
-    h = [run.dataset.item_ids[i] for i in run.split.test_inputs[4]]
-    recommend_cli(bundle, ",".join(h) + ",", 4, True)
+def test_recommend_cli_matches_server(served_bundle, served_client, served_run, capsys):
+    h = [served_run.dataset.item_ids[i] for i in served_run.split.test_inputs[4]]
+    recommend_cli(served_bundle, ",".join(h) + ",", 4, True)
     lines = capsys.readouterr().out.splitlines()
-    served = post(client, "/recommend", {"history": h, "k": 4}).json()["items"]
+    served = post(served_client, "/recommend", {"history": h, "k": 4}).json()["items"]
     table = lines.index(next(line for line in lines if line.lstrip().startswith("rank")))
     assert [line.split()[1] for line in lines[table + 1:]] == [r["item"] for r in served]
     # the history is shown with its titles first (the synthetic items have titles)
-    titles = [run.dataset.titles[i] for i in run.split.test_inputs[4]]
+    titles = [served_run.dataset.titles[i] for i in served_run.split.test_inputs[4]]
     assert lines[0] == "history:" and [line.split(None, 1)[1] for line in lines[1:1 + len(h)]] == titles
-    assert cli.main(["recommend", str(bundle), "--history", "1,nope", "--k", "3"]) == 2
+    assert cli.main(["recommend", str(served_bundle), "--history", "1,nope", "--k", "3"]) == 2
     assert "unknown item ids: 'nope'" in capsys.readouterr().err
 
 
-def test_export_refusals(run, bundle, tmp_path, capsys):
+def test_export_refusals(served_run, served_bundle, tmp_path, capsys):
     with pytest.raises(InputError, match="not empty"):
-        export_bundle(run.run_dir, bundle)
+        export_bundle(served_run.run_dir, served_bundle)
     with pytest.raises(InputError, match="no llm model"):
-        export_bundle(run.run_dir, tmp_path / "b", "llm")
+        export_bundle(served_run.run_dir, tmp_path / "b", "llm")
     assert cli.main(["export", str(tmp_path), str(tmp_path / "b")]) == 2
     assert "no run.json" in capsys.readouterr().err
     with pytest.raises(InputError, match="not a bundle"):
@@ -70,16 +70,16 @@ def fake_distilled_run(monkeypatch, run, cfg, llm=None):
         run.run_dir, "llmd4rec", cfg, run.dataset, run.split, llm if which == "llm" else run.model))
 
 
-def test_distillation_run_exports_its_crm(run, tmp_path, monkeypatch):
+def test_distillation_run_exports_its_crm(served_run, tmp_path, monkeypatch):
     """A "llmd4rec" run holds both students; --model picks one, crm by default (what load_run returns)."""
-    fake_distilled_run(monkeypatch, run, run.cfg)
-    out = export_bundle(run.run_dir, tmp_path / "distilled")
+    fake_distilled_run(monkeypatch, served_run, served_run.cfg)
+    out = export_bundle(served_run.run_dir, tmp_path / "distilled")
     assert json.loads((out / "bundle.json").read_text())["kind"] == "crm"
     with pytest.raises(InputError, match="--model must be crm or llm"):
-        export_bundle(run.run_dir, tmp_path / "other", "teacher")
+        export_bundle(served_run.run_dir, tmp_path / "other", "teacher")
 
 
-def test_llm_bundle_round_trip(run, tmp_path, monkeypatch):
+def test_llm_bundle_round_trip(served_run, tmp_path, monkeypatch):
     """An E4SRec on a tiny random Qwen2 saved as a local model folder: the bundle scores exactly like the model."""
     pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
@@ -102,27 +102,28 @@ def test_llm_bundle_round_trip(run, tmp_path, monkeypatch):
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.normal_(0, 0.3)  # LoRA B starts at zero: make every trained part matter
-    out = write_bundle(tmp_path / "llm", "llm", model, cfg, run.dataset)
+    out = write_bundle(tmp_path / "llm", "llm", model, cfg, served_run.dataset)
     info = json.loads((out / "bundle.json").read_text())
     assert info["kind"] == "llm" and info["backbone"] == {"name": str(tmp_path / "qwen"), "keep_layers": None,
                                                           "dtype": "float32"}
-    client = TestClient(create_app(out))
-    h = run.split.test_inputs[0]
-    r = post(client, "/recommend", {"history": [run.dataset.item_ids[i] for i in h], "k": 5})
-    assert r.status_code == 200 and client.get("/info").json()["kind"] == "llm"
-    assert_same(r.json(), reference(model, [h], 5, True)[0], run)
+    served_client = TestClient(create_app(out))
+    h = served_run.split.test_inputs[0]
+    r = post(served_client, "/recommend", {"history": [served_run.dataset.item_ids[i] for i in h], "k": 5})
+    assert r.status_code == 200 and served_client.get("/info").json()["kind"] == "llm"
+    assert_same(r.json(), reference(model, [h], 5, True)[0], served_run)
 
-    fake_distilled_run(monkeypatch, run, cfg, llm=model)
-    distilled = export_bundle(run.run_dir, tmp_path / "distilled-llm", "llm")
+    fake_distilled_run(monkeypatch, served_run, cfg, llm=model)
+    distilled = export_bundle(served_run.run_dir, tmp_path / "distilled-llm", "llm")
     assert json.loads((distilled / "bundle.json").read_text())["kind"] == "llm"
-    r2 = post(TestClient(create_app(distilled)), "/recommend", {"history": [run.dataset.item_ids[i] for i in h], "k": 5})
+    history = [served_run.dataset.item_ids[i] for i in h]
+    r2 = post(TestClient(create_app(distilled)), "/recommend", {"history": history, "k": 5})
     assert r2.json() == r.json()
 
 
-def _copy_bundle(bundle: Path, dest: Path) -> Path:
+def _copy_bundle(served_bundle: Path, dest: Path) -> Path:
     import shutil
 
-    return Path(shutil.copytree(bundle, dest))
+    return Path(shutil.copytree(served_bundle, dest))
 
 
 def _rewrite_info(path: Path, change) -> None:
@@ -142,15 +143,15 @@ def _rehash(path: Path, name: str) -> None:
     ("no-files", lambda i: {k: v for k, v in i.items() if k != "files"}, "no sha256 recorded"),
     ("no-model-hash", lambda i: {**i, "files": {**i["files"], "model.safetensors": None}}, "no sha256 recorded"),
 ])
-def test_bad_bundle_json_is_one_input_error(bundle, tmp_path, name, change, needle):
-    b = _copy_bundle(bundle, tmp_path / name)
+def test_bad_bundle_json_is_one_input_error(served_bundle, tmp_path, name, change, needle):
+    b = _copy_bundle(served_bundle, tmp_path / name)
     _rewrite_info(b, change)
     with pytest.raises(InputError, match=needle):
         load_bundle(b)
 
 
-def test_bad_items_json_and_corrupt_files_are_refused(bundle, tmp_path, capsys):
-    b = _copy_bundle(bundle, tmp_path / "items")
+def test_bad_items_json_and_corrupt_files_are_refused(served_bundle, tmp_path, capsys):
+    b = _copy_bundle(served_bundle, tmp_path / "items")
     (b / "items.json").write_text('{"1": "a"}')
     with pytest.raises(InputError, match="items.json"):  # its checksum no longer matches either
         load_bundle(b)
@@ -158,7 +159,7 @@ def test_bad_items_json_and_corrupt_files_are_refused(bundle, tmp_path, capsys):
     with pytest.raises(InputError, match="items.json must be a list"):
         load_bundle(b)
     # a flipped byte in the weights is caught by bundle.json's sha256 even with no sidecar file
-    c = _copy_bundle(bundle, tmp_path / "flipped")
+    c = _copy_bundle(served_bundle, tmp_path / "flipped")
     (c / "model.safetensors.sha256").unlink()
     data = bytearray((c / "model.safetensors").read_bytes())
     data[-5] ^= 0xFF
@@ -168,18 +169,18 @@ def test_bad_items_json_and_corrupt_files_are_refused(bundle, tmp_path, capsys):
     assert "checksum mismatch" in err and err.count("\n") == 1
 
 
-def test_non_finite_weights_are_neither_exported_nor_served(run, bundle, tmp_path):
-    broken = SASRec(N_ITEMS, run.cfg.crm)
-    broken.load_state_dict(run.model.state_dict())
+def test_non_finite_weights_are_neither_exported_nor_served(served_run, served_bundle, tmp_path):
+    broken = SASRec(N_ITEMS, served_run.cfg.crm)
+    broken.load_state_dict(served_run.model.state_dict())
     with torch.no_grad():
         broken.item_emb.weight[3, 0] = float("nan")
     with pytest.raises(InputError, match="non-finite weights .*item_emb.weight"):
-        write_bundle(tmp_path / "nan", "crm", broken, run.cfg, run.dataset)
+        write_bundle(tmp_path / "nan", "crm", broken, served_run.cfg, served_run.dataset)
     assert not (tmp_path / "nan").exists() and not list(tmp_path.glob(".nan.*"))
     # a bundle whose weights were made non-finite after export (checksums rewritten to match) is refused too
     from safetensors.torch import save_file
 
-    b = _copy_bundle(bundle, tmp_path / "b")
+    b = _copy_bundle(served_bundle, tmp_path / "b")
     save_file(broken.state_dict(), str(b / "model.safetensors"))
     (b / "model.safetensors.sha256").unlink()
     _rehash(b, "model.safetensors")
@@ -187,12 +188,12 @@ def test_non_finite_weights_are_neither_exported_nor_served(run, bundle, tmp_pat
         load_bundle(b)
 
 
-def test_bundle_files_follow_the_umask(run, tmp_path):
+def test_bundle_files_follow_the_umask(served_run, tmp_path):
     import os
 
     old = os.umask(0o022)
     try:
-        out = write_bundle(tmp_path / "perm", "crm", run.model, run.cfg, run.dataset)
+        out = write_bundle(tmp_path / "perm", "crm", served_run.model, served_run.cfg, served_run.dataset)
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o755
