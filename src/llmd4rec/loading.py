@@ -53,13 +53,15 @@ def check_reused_runs(cfg: Config) -> None:
 
 def reused_metrics(cfg: Config, key: str) -> dict | None:
     """The valid and test metrics a reused crm_run / llm_run recorded for its best checkpoint (the one loaded),
-    when it was trained on the same data with the same model and eval settings: a frozen model need not be scored
-    again (on Beauty an E4SRec takes minutes). None otherwise, and the caller evaluates it."""
+    when they are what scoring it here would give: same data and eval settings and, for the LLM, the same llm
+    section (its dtype and attention change scores); the shapes are checked by check_reused_runs, and a SASRec's
+    other settings only shape its training. A frozen model need not be scored again (on Beauty an E4SRec takes
+    minutes). None otherwise, and the caller evaluates it."""
     path = Path(getattr(cfg, key))
     if not ((path / "results.json").is_file() and (path / "config.yaml").is_file()):
         return None
     mine, theirs = config_to_dict(cfg), config_to_dict(load_config(path / "config.yaml", saved=True))
-    for section in (*REUSED[key][1], "eval"):
+    for section in ("data", "eval") if key == "crm_run" else ("data", "llm", "eval"):
         a, b = dict(mine[section]), dict(theirs[section])
         if section == "data":  # the same files may be reached by another path
             a.pop("data_dir"), b.pop("data_dir")
