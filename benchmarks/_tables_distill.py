@@ -154,13 +154,13 @@ def text_choice_table() -> str:
     return "\n".join(out)
 
 
-def sweep_table(name: str) -> str:
+def sweep_table(name: str, teacher: str = "the undistilled E4SRec", start: str = "SASRec") -> str:
     r = _load(name)
     if r is None:
         return f"`{name}.json` not run yet."
-    out = ["| upward phase (teacher: the undistilled E4SRec) | best valid NDCG@10 | its test NDCG@10 | best epoch |",
+    out = [f"| upward phase (teacher: {teacher}) | best valid NDCG@10 | its test NDCG@10 | best epoch |",
            "|---|---|---|---|",
-           f"| start: SASRec (not trained further) | {_f(r['start']['valid']['NDCG@10'])} | "
+           f"| start: {start} (not trained further) | {_f(r['start']['valid']['NDCG@10'])} | "
            f"{_f(r['start']['test']['NDCG@10'])} | |"]
     for k, v in r["rows"].items():
         mark = " (chosen on validation)" if k == r["chosen_on_valid"] else ""

@@ -235,6 +235,8 @@ TABLES = {
     "llmd4rec_ml100k_deep_notes": lambda: controls_notes("llmd4rec_ml100k_deep_cpu"),
     "upward_sweep": lambda: sweep_table("upward_sweep_ml100k"),
     "upward_sweep_deep": lambda: sweep_table("upward_sweep_ml100k_deep"),
+    "upward_sweep_beauty_text": lambda: sweep_table("upward_sweep_beauty_text", "as the variant says; CRM: the start",
+                                                    "text-initialised SASRec"),
     "text_choice": text_choice_table,
     "provenance": provenance_table,
     "run_all": run_all_note,

@@ -64,10 +64,13 @@ UPWARD_VARIANTS = ("--variant", "distill.upward_init=continue distill.upward_lr=
                                 "distill.upward_loss=rank")
 
 # the text-initialised student (configs/llmd4rec/beauty_text_cpu.yaml) under each teacher: itself (the control that
-# has no LLM), E4SRec reading text, their product of experts, and that product as top-K ranking labels
+# has no LLM) and the product of experts with E4SRec reading text, each under a second seed (the noise a difference
+# must beat), then E4SRec alone and the product as top-K ranking labels
 TEXT_VARIANTS = ("--variant", "distill.teacher=self",
-                 "--variant", "distill.teacher=llm",
                  "--variant", "distill.teacher=ensemble",
+                 "--variant", "distill.teacher=self seed=1 crm_train.seed=1",
+                 "--variant", "distill.teacher=ensemble seed=1 crm_train.seed=1",
+                 "--variant", "distill.teacher=llm",
                  "--variant", "distill.teacher=ensemble distill.upward_loss=rank")
 
 
