@@ -1,5 +1,6 @@
 """E4SRec on tiny random Qwen2/Llama decoders: the fast paths must give the plain path's logits, LoRA active."""
 
+import logging
 import os
 from pathlib import Path
 
@@ -234,6 +235,25 @@ def test_real_smollm2_scores_a_beauty_history():
     assert logits.shape == (1, n_items + 1) and torch.isfinite(logits).all()
     assert torch.allclose(logits, plain, atol=1e-4)
     assert torch.allclose(model.score_items(last, 0, n_items + 1), plain, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_is_unpacked_into_plain_layers_of_the_asked_dtype():
+    """The GGUF's quantized blocks become dense nn.Linear weights in llm.dtype (what LoRA and the bfloat16 units
+    need), asked for explicitly: transformers has no warning to give that the weights stay packed in float32."""
+    from transformers.utils import logging as hf_logging
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    hf_logging.get_logger("transformers").addHandler(handler)
+    try:
+        model, _ = load_backbone("smollm2", keep_layers=1, dtype="bfloat16")
+    finally:
+        hf_logging.get_logger("transformers").removeHandler(handler)
+    linears = [m for m in model.modules() if "Linear" in type(m).__name__]
+    assert linears and all(type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16 for m in linears)
+    assert not [m for m in said if "packed" in m]
 
 
 def test_lora_dropout_acts_in_training_only(tokenizer):

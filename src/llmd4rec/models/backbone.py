@@ -61,6 +61,17 @@ def _bars_on_terminals_only() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _dense_gguf() -> dict:
+    """A GGUF file is unpacked into plain Linear layers in the requested dtype. Left to itself, transformers keeps
+    the quantized blocks whenever the optional `kernels` package can fetch a matmul kernel from the Hub: a network
+    call, float32 compute whatever llm.dtype says, and weights that LoRA and the bfloat16 units cannot use."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # a transformers without packed GGUF loading always unpacks
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def load_backbone(name: str, keep_layers: int | None = None, dtype: str = "float32", attention: str = "sdpa"):
     """(causal LM, tokenizer) from "smollm2", a hub id, a local folder or a .gguf file; optionally only k layers."""
     try:
@@ -71,14 +82,11 @@ def load_backbone(name: str, keep_layers: int | None = None, dtype: str = "float
         raise InputError(f"llm.dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if attention not in ATTENTION:
         raise InputError(f"llm.attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
-    if name == "smollm2":
-        path = _smollm2_path()
-        source, kw = str(path.parent), {"gguf_file": path.name}
-    elif name.endswith(".gguf"):
-        path = Path(name)
+    if name == "smollm2" or name.endswith(".gguf"):
+        path = _smollm2_path() if name == "smollm2" else Path(name)
         if not path.is_file():
             raise InputError("backbone GGUF file not found", name)
-        source, kw = str(path.parent), {"gguf_file": path.name}
+        source, kw = str(path.parent), {"gguf_file": path.name, **_dense_gguf()}
     else:
         source, kw = name, {}
     try:
