@@ -63,15 +63,13 @@ UPWARD_VARIANTS = ("--variant", "distill.upward_init=continue distill.upward_lr=
                    "--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=ensemble "
                                 "distill.upward_loss=rank")
 
-# the text-initialised student (configs/llmd4rec/beauty_text_cpu.yaml) under each teacher: itself (the control that
-# has no LLM) and the product of experts with E4SRec reading text, each under a second seed (the noise a difference
-# must beat), then E4SRec alone and the product as top-K ranking labels
+# the text-initialised student (configs/llmd4rec/beauty_text_cpu.yaml) under two teachers: itself (the control that
+# has no LLM) and its product of experts with E4SRec reading text, each under a second seed (the noise a difference
+# must beat). E4SRec alone is left out: it validates far below the student's start (e4srec_text_beauty_cpu.json)
 TEXT_VARIANTS = ("--variant", "distill.teacher=self",
                  "--variant", "distill.teacher=ensemble",
                  "--variant", "distill.teacher=self seed=1 crm_train.seed=1",
-                 "--variant", "distill.teacher=ensemble seed=1 crm_train.seed=1",
-                 "--variant", "distill.teacher=llm",
-                 "--variant", "distill.teacher=ensemble distill.upward_loss=rank")
+                 "--variant", "distill.teacher=ensemble seed=1 crm_train.seed=1")
 
 
 def teacher(dataset: str, sasrec_step: str | None, estimate_s: int) -> Step:
