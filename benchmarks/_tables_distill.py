@@ -166,3 +166,25 @@ def sweep_table(name: str, teacher: str = "the undistilled E4SRec", start: str =
         mark = " (chosen on validation)" if k == r["chosen_on_valid"] else ""
         out.append(f"| `{k}`{mark} | {_f(v['valid']['NDCG@10'])} | {_f(v['test']['NDCG@10'])} | {v['best_epoch']} |")
     return "\n".join(out) + f"\n\n{len(r['rows'])} variants run. Command: `{r['command']}`"
+
+
+def sweep_notes(name: str) -> str:
+    """Which variants pass the start on validation, and the spread of each teacher over its seeds."""
+    r = _load(name)
+    if r is None:
+        return f"`{name}.json` not run yet."
+    start = r["start"]["valid"]["NDCG@10"]
+    rows = r["rows"]
+    above = [k for k, v in rows.items() if v["valid"]["NDCG@10"] > start]
+    out = [f"- Best on validation: `{r['chosen_on_valid']}`; past the start ({_f(start)}) on validation: "
+           + (", ".join(f"`{k}`" for k in above) or "none") + "."]
+    by_teacher: dict[str, list] = {}
+    for k, v in rows.items():
+        teacher = next((w.split("=")[1] for w in k.split() if w.startswith("distill.teacher=")), "llm")
+        by_teacher.setdefault(teacher, []).append(v)
+    for teacher, vs in by_teacher.items():
+        valid = [v["valid"]["NDCG@10"] for v in vs]
+        test = [v["test"]["NDCG@10"] for v in vs]
+        out.append(f"- teacher={teacher}: {len(vs)} run(s), valid NDCG@10 {_f(min(valid))}-{_f(max(valid))}, "
+                   f"test {_f(min(test))}-{_f(max(test))}.")
+    return "\n".join(out)

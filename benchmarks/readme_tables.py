@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _tables_common import RESULTS, ROOT, _f, _load, _load_note, _ndcg  # noqa: E402
-from _tables_distill import (controls_notes, distill_notes, distill_table, sweep_table, teacher_notes,  # noqa: E402
-                             teacher_table, text_choice_table)
+from _tables_distill import (controls_notes, distill_notes, distill_table, sweep_notes, sweep_table,  # noqa: E402
+                             teacher_notes, teacher_table, text_choice_table)
 
 
 def accuracy_table(rows: list[tuple[str, str]]) -> str:
@@ -237,6 +237,7 @@ TABLES = {
     "upward_sweep_deep": lambda: sweep_table("upward_sweep_ml100k_deep"),
     "upward_sweep_beauty_text": lambda: sweep_table("upward_sweep_beauty_text", "as the variant says; CRM: the start",
                                                     "text-initialised SASRec"),
+    "upward_sweep_beauty_text_notes": lambda: sweep_notes("upward_sweep_beauty_text"),
     "text_choice": text_choice_table,
     "provenance": provenance_table,
     "run_all": run_all_note,
