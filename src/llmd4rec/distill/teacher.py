@@ -44,32 +44,26 @@ class LogProbEnsemble(nn.Module):
     def trims_padding(self) -> bool:
         return getattr(self.llm, "trims_padding", False)
 
-    def prefix_logits(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        n = self.crm.n_items
-        zc = self.crm.score_items(self.crm.hidden(x)[rows, cols], 0, n + 1).float()
-        zl = self.llm.prefix_logits(x, rows, cols).float()
+    def _mix(self, zc: torch.Tensor, zl: torch.Tensor) -> torch.Tensor:
+        """Both models' scores over columns 0..N -> the mixed log-probabilities over items 1..N (column 0: -inf)."""
+        zc, zl = zc.float(), zl.float()
         zc[:, 0] = zl[:, 0] = float("-inf")
         mixed = self.alpha * F.log_softmax(zl, 1) + (1 - self.alpha) * F.log_softmax(zc, 1)
         mixed[:, 0] = float("-inf")
         return mixed
 
+    def prefix_logits(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        zc = self.crm.score_items(self.crm.hidden(x)[rows, cols], 0, self.crm.n_items + 1)
+        return self._mix(zc, self.llm.prefix_logits(x, rows, cols))
+
     # ---- the scorer protocol (evaluation ranks the ensemble like any model: is the teacher better than SASRec?) --
 
-    def encode(self, histories: torch.Tensor):
-        """Both models' states and their log-normalisers over items 1..N, so that score_items can work by chunks."""
-        n = self.crm.n_items
-        sc, sl = self.crm.encode(histories), self.llm.encode(histories)
-        lse_c = torch.logsumexp(self.crm.score_items(sc, 1, n + 1).float(), 1, keepdim=True)
-        lse_l = torch.logsumexp(self.llm.score_items(sl, 1, n + 1).float(), 1, keepdim=True)
-        return sc, sl, lse_c, lse_l
+    def encode(self, histories: torch.Tensor) -> torch.Tensor:
+        """The whole mixed row: its normaliser needs every item's score anyway, so each is computed once."""
+        return self._mix(self.crm.score_all(histories), self.llm.score_all(histories))
 
-    def score_items(self, state, lo: int, hi: int) -> torch.Tensor:
-        sc, sl, lse_c, lse_l = state
-        mixed = (self.alpha * (self.llm.score_items(sl, lo, hi).float() - lse_l)
-                 + (1 - self.alpha) * (self.crm.score_items(sc, lo, hi).float() - lse_c))
-        if lo == 0:
-            mixed[:, 0] = float("-inf")
-        return mixed
+    def score_items(self, state: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        return state[:, lo:hi]
 
 
 def _warn(message: str) -> None:
