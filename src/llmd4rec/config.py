@@ -127,6 +127,9 @@ class E4SRecConfig:
     all_prefix: bool = True
     # item tokens W_in(id) + W_txt(text embedding); off: the paper's ID-only E4SRec
     item_text: bool = key(False, shape=True)
+    # the item head: linear (the paper's W_out, one fresh row per item) or tied (an item's output vector is its
+    # input token W_in(id) [+ W_txt(text)], plus a bias: every item, tail ones included, starts from its CRM row)
+    item_head: Literal["linear", "tied"] = key("linear", shape=True)
 
 
 @dataclass

@@ -28,7 +28,8 @@ from .sasrec import Dropout
 
 
 class E4SRec(nn.Module):
-    """Frozen item table -> W_in -> LoRA'd decoder -> W_out. Trainable: LoRA, W_in, W_out (and W_txt with item text).
+    """Frozen item table -> W_in -> LoRA'd decoder -> item head. Trainable: LoRA, W_in, the head (W_out, or with
+    llm.item_head=tied a bias over items), and W_txt with item text.
 
     With a bfloat16/float16 backbone the frozen weights are stored and multiplied in that dtype, while the trainable
     weights stay float32 masters that autocast rounds once per call for the decoder's matmuls; W_in, W_out, the
@@ -81,7 +82,10 @@ class E4SRec(nn.Module):
 
         self.register_buffer("item_table", item_embeddings.detach().float().clone())
         self.w_in = nn.Linear(item_embeddings.shape[1], hidden)
-        self.w_out = nn.Linear(hidden, self.n_items + 1)
+        if cfg.item_head == "linear":
+            self.w_out = nn.Linear(hidden, self.n_items + 1)
+        else:
+            self.item_bias = nn.Parameter(torch.zeros(self.n_items + 1))
         if text_embeddings is not None:  # no bias: an item without text (a zero row) gets its ID-only token
             self.register_buffer("text_table", text_embeddings.detach().float().clone())
             self.w_txt = nn.Linear(text_embeddings.shape[1], hidden, bias=False)
@@ -101,13 +105,22 @@ class E4SRec(nn.Module):
     def _tokens(self, ids: torch.Tensor, batch: int) -> torch.Tensor:
         return self.decoder.get_input_embeddings()(ids)[None].expand(batch, -1, -1)
 
-    def _items(self, histories: torch.Tensor) -> torch.Tensor:
-        """W_in(id) [+ W_txt(text)]. The heads are float32 unless DeepSpeed's bf16/fp16 mode cast them: inputs
-        follow their dtype."""
-        tokens = self.w_in(self.item_table[histories].to(self.w_in.weight.dtype))
+    def _item_vectors(self, items: torch.Tensor | slice) -> torch.Tensor:
+        """W_in(id) [+ W_txt(text)] in the heads' dtype: float32 unless DeepSpeed's bf16/fp16 mode cast them."""
+        tokens = self.w_in(self.item_table[items].to(self.w_in.weight.dtype))
         if self.cfg.item_text:
-            tokens = tokens + self.w_txt(self.text_table[histories].to(self.w_txt.weight.dtype))
-        return tokens.to(self.dtype)
+            tokens = tokens + self.w_txt(self.text_table[items].to(self.w_txt.weight.dtype))
+        return tokens
+
+    def _items(self, histories: torch.Tensor) -> torch.Tensor:
+        return self._item_vectors(histories).to(self.dtype)
+
+    def head(self, lo: int = 0, hi: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [hi - lo, D], bias) of the item head for items lo..hi-1: W_out's rows, or the items' own tokens
+        (tied), computed through module calls so that ZeRO-3 gathers the weights they come from."""
+        if self.cfg.item_head == "linear":
+            return self.w_out.weight[lo:hi], self.w_out.bias[lo:hi]
+        return self._item_vectors(slice(lo, hi)), self.item_bias[lo:hi]
 
     def _decode(self, embeds, mask, positions, cache=None) -> torch.Tensor:
         kw = {self._cache_kw: cache} if cache is not None else {}
@@ -135,8 +148,8 @@ class E4SRec(nn.Module):
         return (self._encode_shared if share else self._encode_plain)(histories)
 
     def score_items(self, state: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        w = self.w_out.weight
-        return F.linear(state.to(w.dtype), w[lo:hi], self.w_out.bias[lo:hi]).float()
+        w, b = self.head(lo, hi)
+        return F.linear(state.to(w.dtype), w, b).float()
 
     def score_all(self, histories: torch.Tensor) -> torch.Tensor:
         return self.score_items(self.encode(histories), 0, self.n_items + 1)
@@ -258,7 +271,9 @@ class E4SRec(nn.Module):
     def prefix_logits(self, histories: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Logits [N, n_items + 1] for the prefixes histories[rows[i], :cols[i] + 1] (training samples)."""
         state = self.sample_states(histories, rows, cols)
-        return self.w_out(state.to(self.w_out.weight.dtype)).float()  # a module call: ZeRO-3 gathers W_out
+        if self.cfg.item_head == "linear":
+            return self.w_out(state.to(self.w_out.weight.dtype)).float()  # a module call: ZeRO-3 gathers W_out
+        return self.score_items(state, 0, self.n_items + 1)
 
     def sample_states(self, histories: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Last hidden state [N, D] of each training prefix: all of a user's prefixes in one pass with
@@ -279,8 +294,8 @@ class E4SRec(nn.Module):
         if targets is None:
             return self.prefix_logits(histories, rows, cols)
         state = self.sample_states(histories, rows, cols)
-        w = self.w_out.weight
-        return chunked_cross_entropy(state.to(w.dtype), w, self.w_out.bias, targets, item_chunk).float()
+        w, b = self.head()
+        return chunked_cross_entropy(state.to(w.dtype), w, b, targets, item_chunk).float()
 
     # ---- weights ----
 
@@ -291,7 +306,7 @@ class E4SRec(nn.Module):
         self.item_table.copy_(item_embeddings.detach())
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """LoRA + W_in + W_out (+ W_txt): all a checkpoint needs besides the backbone and the frozen item (and text)
+        """LoRA + W_in + the head (+ W_txt): all a checkpoint needs besides the backbone and the frozen item (and text)
         tables, which a run stores once beside its checkpoints."""
         return {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}
 

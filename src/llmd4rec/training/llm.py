@@ -77,7 +77,7 @@ class LLMTrainer:
                  kd: KDHook | None, save_every: int):
         self.model, self.split, self.cfg, self.tc, self.kd = model, split, cfg, tc, kd
         self.phase, self.folder, self.save_every = phase, folder, save_every
-        self.device = model.w_out.weight.device
+        self.device = model.item_table.device
         self.fsdp, self.zero = distributed.use_fsdp(tc.fsdp), distributed.zero_stage(tc)
         if self.fsdp or self.zero:
             if kd is not None:
@@ -104,7 +104,8 @@ class LLMTrainer:
         tc, world = self.tc, distributed.world_size()
         if self.zero:  # after the resume: ZeRO takes the loaded weights and Adam moments into its partitions
             # the chunked loss reads W_out outside its module call: ZeRO-3 must gather it for the forward
-            external = list(self.model.w_out.parameters()) if self.chunked else []
+            linear = self.model.cfg.item_head == "linear"
+            external = list(self.model.w_out.parameters()) if self.chunked and linear else []
             self.forward, self.opt_state = distributed.zero_engine(self.model, self.optimizer, self.zero, tc,
                                                                    self.resumed, external)
         elif world > 1 and not self.fsdp:  # FSDP's units are hooked into the model itself
