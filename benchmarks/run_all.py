@@ -72,13 +72,14 @@ TEXT_VARIANTS = ("--variant", "distill.teacher=self",
                  "--variant", "distill.teacher=ensemble seed=1 crm_train.seed=1")
 
 
-def teacher(dataset: str, sasrec_step: str | None, estimate_s: int) -> Step:
+def teacher(dataset: str, sasrec_step: str | None, estimate_s: int, head: str = "linear") -> Step:
     """benchmarks/teacher_compare.py on a dataset: SASRec (the given step's run, else its own), text-initialised
-    SASRec, ID-only E4SRec and E4SRec reading item text."""
-    name = f"e4srec_text_{dataset}_cpu"
+    SASRec, ID-only E4SRec and E4SRec reading item text, with the paper's item head or the tied one."""
+    name = f"e4srec_{'text' if head == 'linear' else head}_{dataset}_cpu"
     crm_run = ("--crm-run", f"{{ref:{sasrec_step}.run_dir}}") if sasrec_step else ()
     return Step("teacher_compare.py", ("--config", f"configs/e4srec/{dataset}_text_cpu.yaml", "--name", name,
-                                       "--runs", "{runs}", *crm_run, "data.data_dir={data}"), (name,),
+                                       "--runs", "{runs}", *crm_run, "data.data_dir={data}",
+                                       f"llm.item_head={head}"), (name,),
                 needs=(sasrec_step,) if sasrec_step else (), estimate_s=estimate_s)
 
 
@@ -141,6 +142,7 @@ STEPS: dict[str, Step] = {
     "e4srec_text_ml100k_cpu": teacher("ml100k", None, 3000),
     "e4srec_text_beauty_cpu": teacher("beauty", "sasrec_beauty", 14400),
     "e4srec_text_toys_cpu": teacher("toys", "sasrec_toys", 14400),
+    "e4srec_tied_beauty_cpu": teacher("beauty", "sasrec_beauty", 3600, head="tied"),
     "upward_sweep_beauty_text": Step("upward_sweep.py", (
         "--config", "configs/llmd4rec/beauty_text_cpu.yaml", "--name", "upward_sweep_beauty_text", "--runs", "{runs}",
         "--crm-run", "{ref:e4srec_text_beauty_cpu.runs.SASRec_text_init}",
