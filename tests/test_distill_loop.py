@@ -59,7 +59,8 @@ def test_one_round_on_lastfm_writes_every_output(tmp_path, shared_data, tiny_bac
 
 
 @pytest.mark.parametrize("extra", [["distill.direction=upward", "distill.adaptive_weights=false"],
-                                   ["distill.direction=downward", "distill.embedding_update=false"]])
+                                   ["distill.direction=downward", "distill.embedding_update=false"],
+                                   ["distill.direction=downward", "llm.item_head=tied"]])
 def test_ablation_switches(tmp_path, tiny_backbone_dir, extra):
     args = _args(tmp_path, tiny_backbone_dir, "ablation", "data.synthetic_users=150", "data.synthetic_items=60",
                  *extra)
