@@ -238,6 +238,11 @@ TABLES = {
     "upward_sweep_beauty_text": lambda: sweep_table("upward_sweep_beauty_text", "as the variant says; CRM: the start",
                                                     "text-initialised SASRec"),
     "upward_sweep_beauty_text_notes": lambda: sweep_notes("upward_sweep_beauty_text"),
+    "teacher_beauty_tied": lambda: teacher_table("e4srec_tied_beauty_cpu"),
+    "teacher_beauty_tied_notes": lambda: teacher_notes("e4srec_tied_beauty_cpu"),
+    "upward_sweep_beauty_tied": lambda: sweep_table("upward_sweep_beauty_tied", "as the variant says; the E4SRec "
+                                                    "with the tied head", "text-initialised SASRec"),
+    "upward_sweep_beauty_tied_notes": lambda: sweep_notes("upward_sweep_beauty_tied"),
     "text_choice": text_choice_table,
     "provenance": provenance_table,
     "run_all": run_all_note,

@@ -89,6 +89,10 @@ DEEP_VARIANTS = ("--variant", "distill.upward_init=scratch distill.t2=1.0 distil
                  "--variant", "distill.upward_init=scratch distill.t2=1.0 distill.teacher=ensemble "
                               "distill.upward_loss=rank")
 """The deep teacher's sweep: the fresh student at T2 = 1 of the earlier sweep, teacher LLM or ensemble, KL or rank."""
+TIED_VARIANTS = ("--variant", "distill.teacher=llm", "--variant", "distill.teacher=ensemble",
+                 "--variant", "distill.teacher=self")
+"""The text-initialised student under the tied-head E4SRec reading text: alone, in the product of experts, and the
+control without it."""
 
 STEPS: dict[str, Step] = {
     "precision_probe": Step("precision_probe.py", ("--data-dir", "{data}"), ("precision_probe",), estimate_s=60),
@@ -148,6 +152,11 @@ STEPS: dict[str, Step] = {
         "--crm-run", "{ref:e4srec_text_beauty_cpu.runs.SASRec_text_init}",
         "--llm-run", "{ref:e4srec_text_beauty_cpu.runs.E4SRec_text}", *TEXT_VARIANTS, "data.data_dir={data}"),
         ("upward_sweep_beauty_text",), needs=("e4srec_text_beauty_cpu",), estimate_s=3600),
+    "upward_sweep_beauty_tied": Step("upward_sweep.py", (
+        "--config", "configs/llmd4rec/beauty_text_cpu.yaml", "--name", "upward_sweep_beauty_tied", "--runs", "{runs}",
+        "--crm-run", "{ref:e4srec_tied_beauty_cpu.runs.SASRec_text_init}",
+        "--llm-run", "{ref:e4srec_tied_beauty_cpu.runs.E4SRec_text}", *TIED_VARIANTS, "data.data_dir={data}",
+        "llm.item_head=tied"), ("upward_sweep_beauty_tied",), needs=("e4srec_tied_beauty_cpu",), estimate_s=3600),
     "llmd4rec_beauty_cpu": Step("distill_suite.py", (
         "--config", "configs/llmd4rec/beauty_cpu.yaml", "--name", "llmd4rec_beauty_cpu", "--runs", "{runs}",
         "--crm-run", "{ref:sasrec_beauty.run_dir}", "--llm-run", "{ref:e4srec_beauty_cpu.run_dir}",
