@@ -30,16 +30,17 @@ HIST = torch.tensor([[0, 0, 0, 3, 4, 5, 9],
                      [0, 11, 12, 13, 14, 15, 16]])
 
 
-def make_model(tokenizer, arch="llama", attn="sdpa", seed=0, backbone_dtype=torch.float32, text=None, **cfg_kw):
+def make_model(tokenizer, arch="llama", attn="sdpa", seed=0, backbone_dtype=torch.float32, text=None, perturb=True,
+               **cfg_kw):
     torch.manual_seed(seed)
     config = ARCHS[arch](vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     backbone = AutoModelForCausalLM.from_config(config, attn_implementation=attn).to(backbone_dtype)
     cfg = E4SRecConfig(instruction="Given the history, predict:", response="\n### Response:", max_len=10, **cfg_kw)
     model = E4SRec(cfg, torch.randn(N_ITEMS + 1, D_ITEM), backbone, tokenizer, text).eval()
-    with torch.no_grad():  # LoRA B starts at zero: perturb it so the equalities below exercise the adapters
+    with torch.no_grad():  # LoRA B and W_txt start at zero: perturb them so the equalities below exercise them
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if perturb and ("lora_B" in name or name == "w_txt.weight"):
                 p.normal_(0, 0.3)
     return model
 

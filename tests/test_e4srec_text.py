@@ -88,3 +88,13 @@ def test_run_round_trip_with_text(tiny_backbone_dir, tmp_path):
     cfg.llm.item_text = False  # an ID-only model refuses a checkpoint with W_txt
     with pytest.raises(InputError, match="unexpected"):
         load_llm(tmp_path, N_ITEMS, cfg)
+
+
+def test_a_new_text_model_scores_as_the_id_only_one(tokenizer):
+    """W_txt starts at zero: before training, reading text changes no score (text enters as training asks)."""
+    for head in ("linear", "tied"):
+        plain = make_model(tokenizer, "qwen2", perturb=False, item_head=head)
+        text = make_model(tokenizer, "qwen2", text=text_table(), perturb=False, item_text=True, item_head=head)
+        assert not text.w_txt.weight.any()
+        with torch.no_grad():
+            assert torch.equal(plain.score_all(HIST), text.score_all(HIST))

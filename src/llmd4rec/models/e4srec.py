@@ -89,6 +89,9 @@ class E4SRec(nn.Module):
         if text_embeddings is not None:  # no bias: an item without text (a zero row) gets its ID-only token
             self.register_buffer("text_table", text_embeddings.detach().float().clone())
             self.w_txt = nn.Linear(text_embeddings.shape[1], hidden, bias=False)
+            # zero: the model starts as the ID-only E4SRec and text enters as far as the loss asks (a random W_txt
+            # gave 576-dim text tokens many times the ID tokens' size: Beauty's tied-head loss started at 12.9 > ln N)
+            nn.init.zeros_(self.w_txt.weight)
         prompt = tokenizer(cfg.instruction, add_special_tokens=True)["input_ids"]  # BOS where the model wants one
         response = tokenizer(cfg.response, add_special_tokens=False)["input_ids"]
         if not prompt or not response:
