@@ -147,6 +147,26 @@ def test_text_embeddings_are_cached_by_settings(tiny_backbone_dir, tmp_path, mon
     assert len(list((tmp_path / "text").glob("*.safetensors"))) == 2
 
 
+def test_e4srec_text_table_is_centred_with_unit_rms_row_norm(tiny_backbone_dir, tmp_path, monkeypatch):
+    """Rows with text: mean zero, root-mean-square norm 1 (about a CRM item row); rows without text stay zero."""
+    monkeypatch.setenv("LLMD4REC_CACHE", str(tmp_path))
+    ds = load_dataset("synthetic", synthetic_users=50, synthetic_items=30)
+    cfg = _text_cfg(tiny_backbone_dir)
+    cfg.llm.item_text = True
+    raw = encode_item_text(cfg, ds)
+    without = raw.clone()
+    without[4] = 0  # an item without text
+    monkeypatch.setattr(text_embeddings, "encode_item_text", lambda *a, **k: without.clone())
+    table = text_embeddings.item_text_embeddings(cfg, ds)
+    has = table.abs().sum(1) > 0
+    assert has.sum() == 29 and not has[0] and not has[4]
+    assert torch.allclose(table[has].mean(0), torch.zeros(32), atol=1e-5)
+    assert float(table[has].pow(2).sum(1).mean()) == pytest.approx(1.0, rel=1e-5)
+    centred = raw[has] - raw[has].mean(0)
+    assert torch.allclose(table[has] / table[has].norm(dim=1, keepdim=True),
+                          centred / centred.norm(dim=1, keepdim=True), atol=1e-5)  # directions kept
+
+
 def test_projection_keeps_text_geometry_at_the_init_scale():
     g = torch.Generator().manual_seed(0)
     table = torch.randn(41, 24, generator=g)
