@@ -110,6 +110,20 @@ def teacher_table(name: str) -> str:
     return "\n".join(out)
 
 
+def head_notes(linear: str, tied: str) -> str:
+    """The same teacher comparison with the paper's item head and the tied one: what the head changes, row by row."""
+    a, b = _load(linear), _load(tied)
+    if a is None or b is None:
+        return f"`{linear}.json` or `{tied}.json` not run yet."
+    out = []
+    for row in ("E4SRec", "E4SRec_text"):
+        x, y = a["rows"][row], b["rows"][row]
+        out.append(f"- {row}, linear -> tied head: valid NDCG@10 {_f(x['valid']['NDCG@10'])} -> "
+                   f"{_f(y['valid']['NDCG@10'])}, test {_f(x['test']['NDCG@10'])} -> {_f(y['test']['NDCG@10'])}, "
+                   f"tail targets {_f(x['tail']['NDCG@10'])} -> {_f(y['tail']['NDCG@10'])}.")
+    return "\n".join(out)
+
+
 def teacher_notes(name: str) -> str:
     """What the teacher comparison says, in words computed from its file: which rows text helps, on validation."""
     r = _load(name)

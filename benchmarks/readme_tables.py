@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _tables_common import RESULTS, ROOT, _f, _load, _load_note, _ndcg  # noqa: E402
-from _tables_distill import (controls_notes, distill_notes, distill_table, sweep_notes, sweep_table,  # noqa: E402
-                             teacher_notes, teacher_table, text_choice_table)
+from _tables_distill import (controls_notes, distill_notes, distill_table, head_notes, sweep_notes,  # noqa: E402
+                             sweep_table, teacher_notes, teacher_table, text_choice_table)
 
 
 def accuracy_table(rows: list[tuple[str, str]]) -> str:
@@ -240,6 +240,7 @@ TABLES = {
     "upward_sweep_beauty_text_notes": lambda: sweep_notes("upward_sweep_beauty_text"),
     "teacher_beauty_tied": lambda: teacher_table("e4srec_tied_beauty_cpu"),
     "teacher_beauty_tied_notes": lambda: teacher_notes("e4srec_tied_beauty_cpu"),
+    "teacher_beauty_heads": lambda: head_notes("e4srec_text_beauty_cpu", "e4srec_tied_beauty_cpu"),
     "upward_sweep_beauty_tied": lambda: sweep_table("upward_sweep_beauty_tied", "as the variant says; the E4SRec "
                                                     "with the tied head", "text-initialised SASRec"),
     "upward_sweep_beauty_tied_notes": lambda: sweep_notes("upward_sweep_beauty_tied"),
