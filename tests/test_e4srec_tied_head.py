@@ -74,3 +74,25 @@ def test_items_alike_in_the_crm_table_score_alike_until_text_tells_them_apart(to
         linear.item_table[21] = linear.item_table[20]
         scores = linear.score_all(HIST)
     assert not torch.allclose(scores[:, 20], scores[:, 21])
+
+
+def test_kept_item_vectors_follow_every_weight_change(tokenizer):
+    """Scoring without gradients keeps the item vectors; a new CRM table, an optimizer step or a load must not
+    leave it stale: each time, the kept scores equal the ones computed afresh (with gradients on)."""
+    model = tied(tokenizer, text=True)
+
+    def same_as_fresh():
+        with torch.no_grad():
+            kept = model.score_all(HIST)
+        return torch.allclose(kept, model.score_all(HIST).detach(), atol=1e-5)
+
+    assert same_as_fresh()
+    model.set_item_embeddings(torch.randn_like(model.item_table))
+    assert same_as_fresh()
+    opt = torch.optim.SGD([model.w_in.weight, model.w_txt.weight], lr=0.5)
+    rows, cols = (HIST[:, :-1] != 0).nonzero(as_tuple=True)
+    F.cross_entropy(model.prefix_logits(HIST, rows, cols), HIST[rows, cols + 1]).backward()
+    opt.step()
+    assert same_as_fresh()
+    model.load_trainable_state_dict({k: v + 1 for k, v in model.trainable_state_dict().items()})
+    assert same_as_fresh()
